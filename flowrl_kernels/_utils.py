@@ -1,0 +1,192 @@
+"""Shared plumbing for every op: which implementation runs, and argument checks.
+
+Every public op takes ``impl=None | "torch" | "triton" | "native"``:
+- explicit ``impl`` wins;
+- else the env var ``FLOWRL_KERNELS_IMPL`` (same values) overrides the default;
+- else the default: ``"triton"`` for CUDA tensors, ``"native"`` for CPU tensors when the compiled
+  extension is importable and implements the op, otherwise ``"torch"`` (the reference).
+
+Checks raise ``ValueError`` naming the argument and saying how to fix it, before any kernel runs.
+None of them synchronizes with the device (no ``.item()`` on CUDA tensors).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+IMPLS = ("torch", "triton", "native")
+ENV_IMPL = "FLOWRL_KERNELS_IMPL"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when ``triton`` imports (GPU, or the CPU interpreter under ``TRITON_INTERPRET=1``)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the machine
+        return False
+    return True
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _native_module():
+    if os.environ.get("FLOWRL_KERNELS_SKIP_NATIVE", "0") not in ("", "0"):
+        return None
+    try:
+        return importlib.import_module("flowrl_kernels._C")
+    except ImportError as e:  # the pure-Python install is a supported configuration
+        if os.environ.get("FLOWRL_KERNELS_QUIET", "0") in ("", "0"):
+            warnings.warn(
+                f"flowrl_kernels: native extension not available ({e}); CPU ops use the torch reference. "
+                "Rebuild with `pip install --no-build-isolation -e .` to get the fused C++ kernels.",
+                stacklevel=3,
+            )
+        return None
+
+
+def native_available() -> bool:
+    """True when the compiled extension ``flowrl_kernels._C`` is importable."""
+    return _native_module() is not None
+
+
+def native_has(op: str) -> bool:
+    """True when the native extension registers ``torch.ops.flowrl_kernels_native.<op>``."""
+    if not native_available():
+        return False
+    return hasattr(torch.ops.flowrl_kernels_native, op)
+
+
+def resolve_impl(impl: Optional[str], device: torch.device, *, native_op: Optional[str] = None,
+                 arg: str = "impl") -> str:
+    """Pick the implementation for one call (see module docstring)."""
+    if impl is None:
+        impl = os.environ.get(ENV_IMPL) or None
+        if impl is not None and impl not in IMPLS:
+            raise ValueError(f"{ENV_IMPL}={impl!r} is not one of {IMPLS}; unset it or pick one of those.")
+    if impl is None:
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        if device.type == "cpu" and native_op is not None and native_has(native_op):
+            return "native"
+        return "torch"
+    if impl not in IMPLS:
+        raise ValueError(f"{arg}={impl!r} is not one of {IMPLS}.")
+    if impl == "triton":
+        if not triton_available():
+            raise ValueError(f"{arg}='triton' but triton is not importable; install triton or use impl='torch'.")
+        if device.type != "cuda" and not triton_interpret():
+            raise ValueError(
+                f"{arg}='triton' needs CUDA tensors (got {device}); move the inputs to a GPU, "
+                "set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter, or use impl='torch'."
+            )
+    if impl == "native":
+        if native_op is None or not native_has(native_op):
+            raise ValueError(
+                f"{arg}='native' but the native extension does not provide this op "
+                f"(native_available()={native_available()}); build it with "
+                "`pip install --no-build-isolation -e .` or use impl='torch'."
+            )
+    return impl
+
+
+# ----------------------------------------------------------------------------------------------------
+# argument checks
+# ----------------------------------------------------------------------------------------------------
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(name: str, t, *, dtypes: Optional[Sequence[torch.dtype]] = None,
+                 ndim: Optional[int] = None, min_ndim: Optional[int] = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {t.dtype}; expected one of ({_names(dtypes)}). Cast it with .to(...).")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}.")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dim(s), got shape {tuple(t.shape)}.")
+
+
+def check_same_shape(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{b_name} has shape {tuple(b.shape)} but {a_name} has shape {tuple(a.shape)}; they must match."
+        )
+
+
+def check_same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    dev = items[0][1].device
+    for k, v in items[1:]:
+        if v.device != dev:
+            raise ValueError(
+                f"{k} is on {v.device} but {items[0][0]} is on {dev}; move all inputs to one device."
+            )
+    return dev
+
+
+def check_vocab_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty last (vocab) dim, shape {tuple(t.shape)}; V must be >= 1.")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{name}'s last (vocab) dim has stride {t.stride(-1)}; it must be contiguous (stride 1). "
+            f"Other dims may be strided (e.g. logits[:, :-1] is fine); call {name}.contiguous() "
+            "if it came from a transpose."
+        )
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, torch.Tensor):
+        raise ValueError("temperature must be a Python float (a runtime scalar), not a tensor; use float(t).")
+    t = float(temperature)
+    if not (t > 0.0) or t == float("inf"):
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}.")
+    return t
+
+
+def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int, *, validate: bool,
+                          arg: str = "labels") -> None:
+    """Full range check when ``validate`` or when it costs no device sync (CPU tensors)."""
+    if not (validate or labels.device.type == "cpu") or labels.numel() == 0:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{arg} has value {int(labels[idx])} at index {idx}, outside [0, {vocab}) and not "
+            f"ignore_index={ignore_index}; fix the labels or mark the position with ignore_index."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# output allocation
+# ----------------------------------------------------------------------------------------------------
+def poison_enabled() -> bool:
+    """``FLOWRL_KERNELS_POISON=1`` (set by the test suite): fresh kernel outputs are filled with NaN
+    (or -1 for integer buffers) so a position a kernel forgets to write can never pass a test."""
+    return os.environ.get("FLOWRL_KERNELS_POISON", "0") not in ("", "0")
+
+
+def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs; poisoned under ``FLOWRL_KERNELS_POISON=1``."""
+    if poison_enabled():
+        fill = float("nan") if dtype.is_floating_point else -1
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
