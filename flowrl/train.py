@@ -51,9 +51,12 @@ def local_prompts(task, cfg: config.Config, env, step: int):
 def forward_logp(module, batch: rollout.Batch, cfg: config.Config) -> torch.Tensor:
     """Float32 log-probs [B, R] of the batch's responses under ``module`` (no grad, micro-batched)."""
     mb = cfg.train.micro_batch_size
-    return torch.cat([module(b.input_ids, b.attention_mask, b.labels, b.prompt_len,
-                             temperature=cfg.rollout.temperature, entropy=False)["logp"]
-                      for b in (batch.slice(i, i + mb) for i in range(0, len(batch), mb))])
+    # gathered once for all micro-batches (no per-layer all-gathers; resharded on exit, which FSDP
+    # would not do by itself for the root after a forward without backward)
+    with distributed.gathered(module):
+        return torch.cat([module(b.input_ids, b.attention_mask, b.labels, b.prompt_len,
+                                 temperature=cfg.rollout.temperature, entropy=False)["logp"]
+                          for b in (batch.slice(i, i + mb) for i in range(0, len(batch), mb))])
 
 
 def train_step(step, cfg, env, policy, ref, tok, task, opt, sched, metrics) -> dict:
