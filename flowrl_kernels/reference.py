@@ -57,7 +57,9 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     if not return_entropy:
         return logp
     p = torch.softmax(x, dim=-1)
-    ent = lse - (p * x).sum(-1)
+    # -inf logits (masked vocab entries) have p = 0 and contribute 0 (p log p -> 0), not 0 * -inf = NaN;
+    # the where on x (not on the product) keeps their gradient 0 instead of NaN
+    ent = lse - (p * torch.where(p > 0, x, torch.zeros((), dtype=cd, device=x.device))).sum(-1)
     ent = torch.where(valid, ent, zero)
     return logp, ent
 

@@ -43,9 +43,14 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 K_LOG2E = tl.constexpr(LOG2E)  # the same constants, as globals a @triton.jit function may read
 K_LN2 = tl.constexpr(LN2)
-# Largest finite fp32. Running maxima start here (not -inf) and exponent arguments are clamped here so
-# that rows / blocks of -inf logits give exp2 = 0 and 0 * (-FLT_MAX) = 0 instead of -inf - (-inf) = NaN.
-FLT_MAX = tl.constexpr(3.4028234663852886e38)
+# The running max starts at a finite value (not -inf) far below any real logit, so a block of only -inf
+# logits gives m - m_new = 0 instead of -inf - (-inf) = NaN; 1e38 (not FLT_MAX) keeps (m - z) * log2(e)
+# finite.
+M_INIT = tl.constexpr(-1e38)
+# Exponent arguments (log2 domain, always <= 0) are clamped here: 2^-160 is below the smallest fp32
+# subnormal (2^-149), so exp2 still gives exactly 0, but d * coef stays finite and 0 * d = 0 instead of
+# 0 * (-inf) = NaN for -inf logits (masked vocab entries).
+EXP2_FLOOR = tl.constexpr(-160.0)
 # CUDA grid.x limit; more rows are launched in chunks (row0 offset), so N up to 2^63 rows works.
 MAX_GRID = 2**31 - 1
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -82,20 +87,23 @@ def _row_offsets(row, T1, stride_b, stride_t):
 
 
 @triton.jit
-def _online_update(x, scale, m, s_acc, u_acc, RETURN_ENTROPY: tl.constexpr):
-    # x: a block of logits (fp32, -inf on masked lanes). State in the log2 domain, relative to m:
-    #   s_acc = sum 2^(z - m),  u_acc = sum 2^(z - m) (z - m)   (per lane; reduced once at the end)
-    # One block-wide max per iteration, one exp2 per element. u relative to m makes the entropy a sum of
-    # two non-negative terms (log2 S - U/S), so it has no cancellation when lse >> H.
-    z = x * scale
+def _online_update(x, inv_temp, m, s_acc, u_acc, RETURN_ENTROPY: tl.constexpr):
+    # x: a block of logits (fp32, -inf on masked lanes), z = x / T. State relative to the running max m:
+    #   s_acc = sum 2^d,  u_acc = sum 2^d d,   d = (z - m) log2(e)   (per lane; reduced once at the end)
+    # One block-wide max per iteration, one exp2 per element. z - m is taken before the log2(e) scaling
+    # so the exponent's rounding error is relative to |z - m|, not |z| (as in torch's softmax), and u
+    # relative to m makes the entropy a sum of two non-negative terms (log2 S - U/S): no cancellation
+    # when lse >> H.
+    z = x * inv_temp
     m_new = tl.maximum(m, tl.max(z, 0))
-    alpha = tl.exp2(m - m_new)
+    dm = tl.maximum((m - m_new) * K_LOG2E, EXP2_FLOOR)
+    alpha = tl.exp2(dm)
     # NaN must survive this clamp (max.NaN.f32): a NaN logit gives a NaN row, never a finite one
-    d = tl.maximum(z - m_new, -FLT_MAX, propagate_nan=tl.PropagateNan.ALL)
+    d = tl.maximum((z - m_new) * K_LOG2E, EXP2_FLOOR, propagate_nan=tl.PropagateNan.ALL)
     e = tl.exp2(d)
     if RETURN_ENTROPY:
-        # rebase the old sum to the new max: sum 2^(z-m)(z-m') = sum 2^(z-m)(z-m) + (m-m') sum 2^(z-m)
-        u_acc = alpha * (u_acc + s_acc * tl.maximum(m - m_new, -FLT_MAX)) + e * d
+        # rebase the old sum to the new max: sum 2^(d + dm) (d + dm) = alpha (U + dm S)
+        u_acc = alpha * (u_acc + s_acc * dm) + e * d
     s_acc = s_acc * alpha + e
     return m_new, s_acc, u_acc
 
@@ -109,7 +117,7 @@ def _token_logprobs_fwd_kernel(
     # strides
     stride_xb, stride_xt, stride_lb, stride_lt,
     # scalars
-    scale, inv_temp, ignore_index,
+    inv_temp, ignore_index,
     BLOCK_V: tl.constexpr, RETURN_ENTROPY: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64) + row0
@@ -121,7 +129,7 @@ def _token_logprobs_fwd_kernel(
     v_full = (v_lim // BLOCK_V) * BLOCK_V
     cols = tl.arange(0, BLOCK_V)
 
-    m = tl.full([], -FLT_MAX, tl.float32)
+    m = tl.full([], M_INIT, tl.float32)
     s_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
     u_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
     # Full blocks without a mask (16-byte vector loads when the row stride allows), then one masked tail.
@@ -130,15 +138,15 @@ def _token_logprobs_fwd_kernel(
     # (2 x 8 KB bf16 per CTA in flight). The backward (~40 registers, 6 CTAs/SM) needs no pipelining.
     for start in tl.range(0, v_full, BLOCK_V, num_stages=3):
         x = tl.load(x_row + start + cols).to(tl.float32)
-        m, s_acc, u_acc = _online_update(x, scale, m, s_acc, u_acc, RETURN_ENTROPY)
+        m, s_acc, u_acc = _online_update(x, inv_temp, m, s_acc, u_acc, RETURN_ENTROPY)
     offs = v_full + cols
     x = tl.load(x_row + offs, mask=offs < v_lim, other=-float("inf")).to(tl.float32)
-    m, s_acc, u_acc = _online_update(x, scale, m, s_acc, u_acc, RETURN_ENTROPY)
+    m, s_acc, u_acc = _online_update(x, inv_temp, m, s_acc, u_acc, RETURN_ENTROPY)
 
     s = tl.sum(s_acc, 0)
     s = tl.where(valid, s, 1.0)  # ignored rows read nothing (s = 0): keep their math finite
     log2_s = tl.log2(s)
-    lse = (m + log2_s) * K_LN2
+    lse = m + log2_s * K_LN2
     # out-of-range labels (only possible when unchecked on GPU) read nothing and give NaN, never a number
     in_range = (label >= 0) & (label < V)
     x_t = tl.load(x_row + label, mask=valid & in_range, other=float("nan")).to(tl.float32)
@@ -151,9 +159,10 @@ def _token_logprobs_fwd_kernel(
 
 
 @triton.jit
-def _grad_block(x, scale, lse2, a, b, cols_eq_label, g_t):
-    # p * (A d + B) + [j == label] g_logp / T, with d = log2 p (see module docstring)
-    d = x * scale - lse2
+def _grad_block(x, inv_temp, lse, a, b, cols_eq_label, g_t):
+    # p * (A d + B) + [j == label] g_logp / T, with d = log2 p (see module docstring); z - lse before
+    # the log2(e) scaling, as in the forward
+    d = tl.maximum((x * inv_temp - lse) * K_LOG2E, EXP2_FLOOR, propagate_nan=tl.PropagateNan.ALL)
     p = tl.exp2(d)
     return p * (d * a + b) + tl.where(cols_eq_label, g_t, 0.0)
 
@@ -167,7 +176,7 @@ def _token_logprobs_bwd_kernel(
     # strides
     stride_xb, stride_xt, stride_lb, stride_lt, stride_g,
     # scalars
-    scale, inv_temp, ignore_index,
+    inv_temp, ignore_index,
     BLOCK_V: tl.constexpr, HAS_GENT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64) + row0
@@ -176,7 +185,7 @@ def _token_logprobs_bwd_kernel(
     label = tl.load(labels_ptr + _row_offsets(row, T1, stride_lb, stride_lt)).to(tl.int64)
     valid = label != ignore_index
     g_lp = tl.where(valid, tl.load(glogp_ptr + row), 0.0)
-    lse2 = tl.load(lse_ptr + row) * K_LOG2E
+    lse = tl.load(lse_ptr + row)
     # grad_j = p_j (d_j A + B) + [j == label] g_logp / T,  d_j = log2 p_j:
     #   A = -g_H ln2 / T,  B = -(g_logp + g_H H) / T
     b = -g_lp * inv_temp
@@ -196,12 +205,12 @@ def _token_logprobs_bwd_kernel(
     for start in range(0, v_full, BLOCK_V):
         offs = start + cols
         x = tl.load(x_row + offs, mask=row_mask, other=0.0).to(tl.float32)
-        g = _grad_block(x, scale, lse2, a, b, offs == label, g_t)
+        g = _grad_block(x, inv_temp, lse, a, b, offs == label, g_t)
         tl.store(g_row + offs, tl.where(valid, g, 0.0).to(dt))
     offs = v_full + cols
     mask = offs < V
     x = tl.load(x_row + offs, mask=mask & row_mask, other=0.0).to(tl.float32)
-    g = _grad_block(x, scale, lse2, a, b, offs == label, g_t)
+    g = _grad_block(x, inv_temp, lse, a, b, offs == label, g_t)
     tl.store(g_row + offs, tl.where(valid, g, 0.0).to(dt), mask=mask)
 
 
@@ -259,7 +268,7 @@ def _fwd_triton(logits, labels, temperature, return_entropy, ignore_index):
             x, lab, logp, lse, ent if return_entropy else logp,
             x.shape[1], V, row0,
             x.stride(0), x.stride(1), lab.stride(0), lab.stride(1),
-            LOG2E / temperature, 1.0 / temperature, ignore_index,
+            1.0 / temperature, ignore_index,
             BLOCK_V=BLOCK_V, RETURN_ENTROPY=return_entropy, num_warps=num_warps,
         )
     return logp, lse, ent
@@ -281,7 +290,7 @@ def _bwd_triton(logits, labels, lse, ent, grad_logp, grad_ent, temperature, igno
             x, lab, lse, ent if has_gent else lse, grad_logp, grad_ent, grad,
             x.shape[1], V, row0,
             x.stride(0), x.stride(1), lab.stride(0), lab.stride(1), V,
-            LOG2E / temperature, 1.0 / temperature, ignore_index,
+            1.0 / temperature, ignore_index,
             BLOCK_V=BLOCK_V, HAS_GENT=has_gent, num_warps=num_warps,
         )
     return grad
