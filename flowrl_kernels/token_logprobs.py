@@ -56,19 +56,18 @@ MAX_GRID = 2**31 - 1
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _config(V: int, elsize: int) -> Tuple[int, int]:
-    """(BLOCK_V, num_warps): fixed heuristic, deterministic, no autotune.
+def _config(V: int) -> Tuple[int, int]:
+    """(BLOCK_V, num_warps): a fixed, deterministic heuristic (no autotune).
 
-    Each thread keeps two 16-byte loads in flight per iteration (2 x LDG.128: 16 bf16/fp16 or 8 fp32
-    elements), with 8 warps per row: BLOCK_V = 4096 (bf16) / 2048 (fp32), i.e. 37 / 75 iterations at
-    V = 151936. A row per CTA with 256 threads keeps 8 CTAs = 64 KB of loads in flight per SM, above the
-    ~15 KB/SM that Little's law asks for at ~3 TB/s and ~0.6 us latency on H100. Small V shrinks the
-    block to next_pow2(V) and the warp count with it (V = 7 -> 8 elements, 1 warp) so no lanes idle.
-    The per-thread state (z, exp, 2 fp32 accumulators of 16 elements) fits without spills: see
-    tests/test_codegen.py for registers / spill counts on sm_90.
+    8 elements per thread per iteration (one 16-byte load for bf16/fp16, two for fp32) and 8 warps per
+    row: BLOCK_V = 2048, 75 iterations at V = 151936. Measured with tests/test_codegen.py on sm_90: the
+    forward with entropy needs 48 registers/thread at 8 elements (5 CTAs of 256 threads per SM) but 104
+    at 16 bf16 elements (2 CTAs/SM): its two per-lane accumulators scale with the elements per thread.
+    The forward loop is pipelined (num_stages=3: 2 blocks in flight per CTA); the backward (30-40
+    registers, 6-8 CTAs/SM) needs no pipelining. Small V shrinks the block to next_pow2(V) and the warps
+    with it (V = 7 -> 8 elements, 1 warp) so no lanes idle. Not yet timed on a GPU.
     """
-    vec = 16 // elsize                     # elements per 16-byte load
-    per_thread = 2 * vec
+    per_thread = 8
     block = min(triton.next_power_of_2(V), per_thread * 32 * 8)
     num_warps = max(1, min(8, block // (per_thread * 32)))
     return block, num_warps
@@ -133,9 +132,9 @@ def _token_logprobs_fwd_kernel(
     s_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
     u_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
     # Full blocks without a mask (16-byte vector loads when the row stride allows), then one masked tail.
-    # The accumulators cost ~100 registers/thread on sm_90 (2 CTAs of 256 threads per SM), too few loads
-    # in flight for HBM on their own: num_stages=3 lets Triton prefetch 2 blocks ahead with cp.async
-    # (2 x 8 KB bf16 per CTA in flight). The backward (~40 registers, 6 CTAs/SM) needs no pipelining.
+    # One block per iteration per CTA is too few loads in flight for HBM (Little's law at ~3 TB/s and
+    # ~0.6 us: ~15 KB per SM): num_stages=3 lets Triton prefetch 2 blocks ahead with cp.async (2 x 4 KB
+    # bf16 per CTA). The backward (30-40 registers, 6-8 CTAs/SM, stores do not wait) needs no pipelining.
     for start in tl.range(0, v_full, BLOCK_V, num_stages=3):
         x = tl.load(x_row + start + cols).to(tl.float32)
         m, s_acc, u_acc = _online_update(x, inv_temp, m, s_acc, u_acc, RETURN_ENTROPY)
@@ -262,7 +261,7 @@ def _fwd_triton(logits, labels, temperature, return_entropy, ignore_index):
     if N == 0:
         return logp, lse, ent
     x, lab = _prep(logits, labels)
-    BLOCK_V, num_warps = _config(V, logits.element_size())
+    BLOCK_V, num_warps = _config(V)
     for row0 in range(0, N, MAX_GRID):
         _token_logprobs_fwd_kernel[(min(N - row0, MAX_GRID),)](
             x, lab, logp, lse, ent if return_entropy else logp,
@@ -284,7 +283,7 @@ def _bwd_triton(logits, labels, lse, ent, grad_logp, grad_ent, temperature, igno
     has_gent = grad_ent is not None
     grad_logp = grad_logp.reshape(-1).to(torch.float32).contiguous()
     grad_ent = grad_ent.reshape(-1).to(torch.float32).contiguous() if has_gent else grad_logp
-    BLOCK_V, num_warps = _config(V, logits.element_size())
+    BLOCK_V, num_warps = _config(V)
     for row0 in range(0, N, MAX_GRID):
         _token_logprobs_bwd_kernel[(min(N - row0, MAX_GRID),)](
             x, lab, lse, ent if has_gent else lse, grad_logp, grad_ent, grad,
