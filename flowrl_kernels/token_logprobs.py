@@ -197,6 +197,8 @@ def _token_logprobs_bwd_kernel(
     g_t = g_lp * inv_temp
     v_full = (V // BLOCK_V) * BLOCK_V
     cols = tl.arange(0, BLOCK_V)
+    # fp32 -> bf16/fp16 store: round-to-nearest on GPU (cvt.rn); the triton 3.9 CPU interpreter
+    # truncates fp32 -> bf16 instead, so interpreter bf16 gradients carry up to 1 ulp, not 1/2
     dt = grad_ptr.dtype.element_ty
     # ignored rows load nothing and store exact zeros. The row-uniform mask is built as a splat compare:
     # it keeps 16-byte loads on GPU, and the interpreter (triton 3.9) rejects a broadcast scalar mask.
