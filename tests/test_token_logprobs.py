@@ -3,6 +3,7 @@
 Bound (tests/helpers.py): kernel error vs float64 <= 2 x PyTorch's error at the same dtype + 8 ulps.
 """
 import importlib
+import inspect
 
 import pytest
 import torch
@@ -121,6 +122,32 @@ def test_logp_only_and_ignore_index(device):
     lp, ent = token_logprobs(x, y_all, return_entropy=True, impl="triton")
     (gx,) = torch.autograd.grad((lp * g).sum() + ent.sum(), x)
     assert (lp == 0).all() and (ent == 0).all() and (gx == 0).all()
+
+
+def test_entropy_only_gradient(device):
+    # logp unused downstream: its upstream gradient arrives as None (or zeros) and must count as 0
+    x = _logits((9, 77), torch.float16, device).requires_grad_()
+    y = _labels((9,), 77, device)
+    g = torch.randn(9, device=device)
+    _, ent = token_logprobs(x, y, return_entropy=True, temperature=0.8, impl="triton")
+    (gx,) = torch.autograd.grad((ent * g).sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    _, rent = reference.token_logprobs(x64, y, return_entropy=True, temperature=0.8)
+    (rg,) = torch.autograd.grad((rent * g.double()).sum(), x64)
+    xt = x.detach().requires_grad_()
+    _, tent = reference.token_logprobs(xt, y, return_entropy=True, temperature=0.8)
+    (tg,) = torch.autograd.grad((tent * g).sum(), xt)
+    assert_no_worse_than_torch(gx, rg, tg, name="entropy-only grad")
+
+
+def test_temperature_is_a_runtime_arg():
+    # a new temperature must not recompile: the only constexprs are the block size and feature flags
+    for kernel, flags in ((tlp_mod._token_logprobs_fwd_kernel, {"BLOCK_V", "RETURN_ENTROPY"}),
+                          (tlp_mod._token_logprobs_bwd_kernel, {"BLOCK_V", "HAS_GENT"})):
+        fn = getattr(kernel, "fn", kernel)  # JITFunction and the interpreter's wrapper both keep .fn
+        sig = inspect.signature(fn)
+        const = {n for n, p in sig.parameters.items() if "constexpr" in str(p.annotation)}
+        assert const == flags and "inv_temp" in sig.parameters
 
 
 def test_nan_propagates_and_neg_inf_is_exact(device):
