@@ -3,19 +3,19 @@
     logp[...]    = log softmax(logits / T)[..., label]
     entropy[...] = H(softmax(logits / T)) = lse - sum_j p_j z_j      (z = logits / T)
 
-Forward (one program per row, one pass over V): an online (max, sum 2^(z-m), sum 2^(z-m) (z-m)) in the
-log2 domain, plus one scalar load of the target logit. It saves lse (and entropy) as fp32 [N] for the
+Forward (one program per row, one pass over V): an online (max m, sum 2^d, sum 2^d d) with
+d = (z - m) log2(e), plus one scalar load of the target logit. It saves lse (and entropy) as fp32 [N] for the
 backward: 4-8 bytes per row instead of a [N, V] softmax.
 Backward (one program per row, one pass): with p = exp(z - lse),
     dlogp/dz_j = [j == label] - p_j,         dH/dz_j = -p_j (log p_j + H),
     dL/dlogits_j = (g_logp (dlogp/dz_j) + g_H (dH/dz_j)) / T,
 read once, written once in the logits' dtype (fp32 math).
 
-Spec: flowrl_kernels.reference.token_logprobs. Cross-impl contract: /CONTRACTS.md (token_logprobs_fwd/bwd).
+Spec: flowrl_kernels.reference.token_logprobs. The native (C++) impl implements the same
+fwd/bwd ops (torch.ops.flowrl_kernels_native.token_logprobs_fwd/bwd); the autograd glue is shared.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -283,6 +283,8 @@ def _bwd_triton(logits, labels, lse, ent, grad_logp, grad_ent, temperature, igno
         return grad
     x, lab = _prep(logits, labels)
     has_gent = grad_ent is not None
+    lse, ent = lse.reshape(-1).contiguous(), ent.reshape(-1).contiguous()  # [N] fp32, indexed by row
+    # upstream grads may be expanded (logp.sum().backward() gives stride 0): O(N) copy to [N] fp32
     grad_logp = grad_logp.reshape(-1).to(torch.float32).contiguous()
     grad_ent = grad_ent.reshape(-1).to(torch.float32).contiguous() if has_gent else grad_logp
     BLOCK_V, num_warps = _config(V)
