@@ -339,6 +339,8 @@ def flowrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
       - -inf in ref_logp at a valid token: ref_logp_mean = -inf, delta = +inf, loss = +inf and the
         gradients of that row are inf (a reference that gives the sample probability 0 is an error the
         loss must not hide).
+      - unbounded clip (hi=None): w saturates at exp(88) ~ 1.65e38, so w * delta^2 can still reach
+        float32 inf, exactly as in the reference (keep an upper bound if that matters).
       - NaN in any valid input value gives a NaN loss (never a silent 0).
     Errors: ValueError naming the argument for wrong types, dtypes, shapes or devices, T > 2^20, bad clip.
 
