@@ -42,7 +42,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     ratios and no NaN gradient (the clipped branch's gradient is 0; with A < 0 and a huge ratio the
     unclipped branch's loss is ~1.65e38 |A|, per PPO's unbounded pessimistic term). -inf in old_logp at a
     valid token = log-ratio +inf: treated the same way. -inf in ref_logp at a valid token with
-    kl_coef > 0: k3 = inf (the reference forbids that token) -> loss inf. NaN at a valid token -> NaN loss.
+    kl_coef > 0: k3 = inf (the reference forbids that token) -> loss inf; -inf in logp itself with kl_coef > 0
+    gives k3 = inf - inf = NaN (the policy cannot have sampled that token). NaN at a valid token -> NaN loss.
     Implementation: plain torch composition for every impl (``impl`` is validated only).
     """
     device = check_logp_mask(logp, mask, ("old_logp", old_logp))
