@@ -68,11 +68,17 @@ def check_against_reference(inputs, impl, reduction="mean", **kw):
     out = run(inputs, impl, reduction, grad, **kw)
     ref64 = run(inputs, "ref", reduction, grad, to64=True, **kw)
     tor = run(inputs, "ref", reduction, grad, **kw)  # PyTorch's own result at this dtype
+    # w = exp(log w): exp turns an absolute rounding error e of the log-ratio sum into a relative error e
+    # of w, so the slack scales with the condition number |log w| (84 for an unbounded row of 28 tokens
+    # at +3 each; both torch and the kernel round that sum differently)
+    w64 = ref64[1]["weight"][ref64[1]["weight"] > 0]
+    ulps = 8.0 * max(1.0, float(w64.log().abs().max())) if w64.numel() else 8.0
     for i, name in ((0, "loss"), (2, "grad_logp"), (3, "grad_log_z")):
         assert out[i].dtype == tor[i].dtype, (name, out[i].dtype, tor[i].dtype)
-        assert_no_worse_than_torch(out[i], ref64[i], tor[i], name=name)
-    for k in ("delta", "weight", "logp_mean", "ref_logp_mean"):
+        assert_no_worse_than_torch(out[i], ref64[i], tor[i], name=name, ulps=ulps)
+    for k in ("delta", "logp_mean", "ref_logp_mean"):
         assert_no_worse_than_torch(out[1][k], ref64[1][k], tor[1][k], name=k)
+    assert_no_worse_than_torch(out[1]["weight"], ref64[1]["weight"], tor[1]["weight"], name="weight", ulps=ulps)
     assert float(out[1]["clip_frac"]) == pytest.approx(float(ref64[1]["clip_frac"]), abs=1e-6)
     assert set(out[1]) == set(ref64[1])
     return out
