@@ -60,6 +60,9 @@ def generate(policy, tokenizer, messages: List[list], *, n: int, max_new_tokens:
         out = policy(enc["input_ids"], enc["attention_mask"], generate=dict(
             do_sample=True, num_return_sequences=n, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            # a model's generation_config may ship penalties (Qwen2.5-Instruct: repetition_penalty 1.05):
+            # they would make the samples off-policy w.r.t. the log-probs we train on
+            repetition_penalty=1.0, no_repeat_ngram_size=0,
             synced_gpus=False))  # params are gathered: no collective inside, ranks may stop at different lengths
     lm.train(was_training)
     P = enc["input_ids"].shape[1]
