@@ -281,3 +281,26 @@ def test_micro_batches_add_up(name, reduction):
     for a, b in zip(g_parts, g_full):
         if b is not None:
             torch.testing.assert_close(a, b)
+
+
+def test_fused_logprob_path_matches_logits_path():
+    import flowrl_kernels
+    if not hasattr(flowrl_kernels, "linear_token_logprobs"):
+        pytest.skip("flowrl_kernels.linear_token_logprobs is not in this install")
+    policy, tok = _tiny_policy()
+    policy.eval()
+    ids, attn, labels, P, mask = _left_padded(tok, ["one prompt", "two"], ["abc", "de"])
+    a = policy(ids, attn, labels, P, temperature=0.8)
+    policy.logprob_impl = "fused"
+    b = policy(ids, attn, labels, P, temperature=0.8)
+    torch.testing.assert_close(b["logp"], a["logp"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b["entropy"], a["entropy"], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_path_requires_the_op(monkeypatch):
+    import flowrl_kernels
+    monkeypatch.delattr(flowrl_kernels, "linear_token_logprobs", raising=False)
+    cfg = config.load(["--config", TINY, "--model.logprob_impl=fused"])
+    env = distributed.Env(0, 0, 1, torch.device("cpu"), None)
+    with pytest.raises(ValueError, match="linear_token_logprobs"):
+        model.build(cfg, env)
