@@ -61,6 +61,7 @@ class Metrics:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
         for f in self.files.values():
             f.close()
         self.files = {}

@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python flowrl/train.py`: import the package, not the sibling files
-    _root = str(Path(__file__).resolve().parents[1])
-    sys.path[:1] = [_root] if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent else [_root, sys.path[0]]
+if __package__ in (None, ""):  # `python flowrl/train.py`: import the package, not its sibling files
+    _here = Path(__file__).resolve().parent
+    sys.path = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
 
 import torch
 
@@ -161,7 +161,9 @@ def main(argv=None) -> None:
     try:
         cfg.check_world(env.world_size)
         if env.is_main:
-            cfg.run_dir.mkdir(parents=True, exist_ok=cfg.run.overwrite)
+            if cfg.run_dir.exists() and not cfg.run.overwrite:
+                raise config.ConfigError(f"{cfg.run_dir} exists; pick another --run.name or set --run.overwrite=true.")
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
             config.save(cfg, cfg.run_dir / "config.toml")
         t_start = time.perf_counter()
         policy, ref, tok = model.build(cfg, env)
@@ -180,6 +182,7 @@ def main(argv=None) -> None:
         print(f"[flowrl] rank {env.rank} failed", file=sys.stderr, flush=True)
         raise
     else:
+        metrics.close()
         if env.is_main:
             curve = " -> ".join(f"{e['accuracy']:.3f}" for e in evals)
             print(f"[flowrl] done in {time.perf_counter() - t_start:.0f} s; eval accuracy {curve or 'n/a'}; "
