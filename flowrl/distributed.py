@@ -4,8 +4,9 @@ The training loop sees plain modules and calls only ``init``, ``cleanup``, ``par
 ``gathered`` and the small collectives below; it never imports FSDP.
 
 - Launched by torchrun (RANK/WORLD_SIZE set): one process group, gloo on CPU, nccl on CUDA, any
-  world size, multi-node included. Launched as ``python flowrl/train.py``: no process group, world 1,
-  and every collective here is a no-op.
+  world size, multi-node included. Launched as ``python flowrl/train.py``: a one-rank group on an
+  in-process store, so the code path is the same (FSDP2 at world size 1 costs nothing measurable
+  here: generate and no-grad forwards of SmolLM2-135M within noise of the plain model on CPU).
 - ``parallelize``: FSDP2 ``fully_shard`` on every decoder layer, then on the root, with bf16 params /
   fp32 gradient reduction on GPU and fp32 on CPU.
 """
@@ -28,7 +29,7 @@ class Env:
     local_rank: int
     world_size: int
     device: torch.device
-    mesh: Optional[object]  # DeviceMesh over all ranks, None without a process group
+    mesh: Optional[object]  # DeviceMesh over all ranks (None only for modules built outside init)
 
     @property
     def is_main(self) -> bool:
@@ -48,14 +49,15 @@ def init(cpu_threads: int = 0) -> Env:
         device = torch.device("cpu")
         # torchrun exports OMP_NUM_THREADS=1; one process on a 2-core box would then use half of it
         torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 1) // local_world))
-    mesh = None
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # the default model is converted once per node (~20 s) while the other ranks wait at a barrier
+    kw = dict(timeout=datetime.timedelta(minutes=30), device_id=device if device.type == "cuda" else None)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        # the default model is converted once by rank 0 (~20 s) while the others wait at a barrier
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
-                                device_id=device if device.type == "cuda" else None)
-        from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(device.type, (world,))
+        dist.init_process_group(backend, **kw)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(device.type, (world,))
     return Env(rank, local_rank, world, device, mesh)
 
 
@@ -116,19 +118,16 @@ def parallelize(model: nn.Module, env: Env, *, activation_checkpointing: bool = 
     """Apply activation checkpointing (optional), then FSDP2: each decoder layer, then the root.
 
     ``model`` is the root whose forward the loop calls (it owns the embeddings, final norm, lm_head and
-    any extra head, e.g. log Z). Without a process group on CPU the model is returned unsharded (fp32);
-    on CUDA it is always sharded so that bf16 mixed precision comes from one place.
+    any extra head, e.g. log Z). ``env.mesh`` None (tests building modules without ``init``): unchanged.
     """
     if activation_checkpointing:
         # HF's own switch keeps the layer classes intact (the layer lookup below relies on them)
         lm = next(m for m in model.modules() if hasattr(m, "gradient_checkpointing_enable"))
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if env.mesh is None and env.device.type != "cuda":
+    if env.mesh is None:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = env.mesh
-    if mesh is None:  # single CUDA process launched with plain python: a 1-rank mesh needs a group
-        raise RuntimeError("On CUDA launch with torchrun (even --nproc_per_node=1) so FSDP has a process group.")
     if env.device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
