@@ -11,10 +11,9 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <limits>
 #include <string>
 
+#include "common.h"
 #include "cpu/kernels.h"
 
 namespace flowrl {
@@ -51,34 +50,6 @@ Dt to_dt(const Tensor& t, const char* name) {
   }
 }
 
-// FLOWRL_KERNELS_POISON=1 (the test suite): fresh outputs are NaN, so an unwritten position fails a test
-Tensor out_empty(at::IntArrayRef shape, const at::TensorOptions& opts) {
-  static const bool poison = [] {
-    const char* v = std::getenv("FLOWRL_KERNELS_POISON");
-    return v && std::string(v) != "" && std::string(v) != "0";
-  }();
-  Tensor t = at::empty(shape, opts);
-  if (poison && t.is_floating_point()) t.fill_(std::numeric_limits<double>::quiet_NaN());
-  return t;
-}
-
-void check_token_inputs(const Tensor& logits, const Tensor& labels, const char* op) {
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, V], got ", logits.sizes());
-  TORCH_CHECK(logits.size(1) >= 1, op, ": logits needs V >= 1");
-  TORCH_CHECK(logits.size(1) == 1 || logits.stride(1) == 1, op,
-              ": logits must have a unit stride in the vocab dim (got stride ", logits.stride(1), ")");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), op, ": labels must be [N] = [",
-              logits.size(0), "], got ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK(labels.device() == logits.device(), op, ": labels and logits must be on one device");
-}
-
-// float32 [N] view of a per-row input (a no-op for the forward's own outputs)
-Tensor rows_f32(const Tensor& t, int64_t N, const char* name, const char* op) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == N, op, ": ", name, " must be [N] = [", N, "], got ", t.sizes());
-  return t.to(at::kFloat).contiguous();
-}
-
 // ---------------------------------------------------------------------------------------------------
 // CPU implementations
 // ---------------------------------------------------------------------------------------------------
@@ -86,8 +57,7 @@ std::tuple<Tensor, Tensor, Tensor> token_logprobs_fwd_cpu(const Tensor& logits, 
                                                          double temperature, bool return_entropy,
                                                          int64_t ignore_index) {
   const char* op = "flowrl_kernels_native.token_logprobs_fwd";
-  check_token_inputs(logits, labels, op);
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op, ": temperature must be finite and > 0");
+  check_token_inputs(logits, labels, temperature, op);
   const Dt dt = to_dt(logits, "logits");
   const int64_t N = logits.size(0), V = logits.size(1);
   const auto opts = logits.options().dtype(at::kFloat);
@@ -107,8 +77,7 @@ Tensor token_logprobs_bwd_cpu(const Tensor& logits, const Tensor& labels, const 
                               const std::optional<Tensor>& grad_entropy, double temperature,
                               int64_t ignore_index) {
   const char* op = "flowrl_kernels_native.token_logprobs_bwd";
-  check_token_inputs(logits, labels, op);
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op, ": temperature must be finite and > 0");
+  check_token_inputs(logits, labels, temperature, op);
   const Dt dt = to_dt(logits, "logits");
   const int64_t N = logits.size(0), V = logits.size(1);
   Tensor grad = out_empty({N, V}, logits.options());
