@@ -13,7 +13,7 @@ ARGS ?=
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 
 # torch: keep a CUDA build if one is already there (GPU machines); otherwise take the CPU wheel
 # (an unpinned `torch` would pull a multi-GB CUDA build onto a CPU-only machine).
