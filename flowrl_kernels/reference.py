@@ -57,7 +57,10 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     if not return_entropy:
         return logp
     p = torch.softmax(x, dim=-1)
-    ent = lse - (p * x).sum(-1)
+    # -inf logits (masked / padded vocab entries) have p = 0 and add 0 to sum p x (0 * -inf is NaN);
+    # where() on x rather than on p * x keeps the backward NaN-free too
+    x_finite = torch.where(x == -math.inf, torch.zeros((), dtype=cd, device=x.device), x)
+    ent = lse - (p * x_finite).sum(-1)
     ent = torch.where(valid, ent, zero)
     return logp, ent
 
