@@ -204,6 +204,62 @@ def test_fake_kernels_under_compile():
         assert g.shape == (4, 9) and g.dtype == torch.bfloat16 and gz.shape == (4,)
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, T, V, temperature", [(2, 9, 1, 1.0), (3, 6, 50257, 0.7), (2, 3, 151936, 1.2)])
+def test_public_token_logprobs_native(dtype, B, T, V, temperature):
+    """flowrl_kernels.token_logprobs(impl="native") on next-token views logits[:, :-1] (read in place:
+    row stride V, a 2-D view of a 3-D tensor), ignored positions, logp and entropy gradients."""
+    if not hasattr(flowrl_kernels, "token_logprobs"):
+        pytest.skip("flowrl_kernels.token_logprobs not merged yet")
+    x = (torch.randn(B, T, V) * 2).to(dtype)
+    y = torch.randint(0, V, (B, T))
+    y[0, 2] = IGNORE
+    xs, ys = x[:, :-1], y[:, 1:]
+    gl, ge = torch.randn(B, T - 1, dtype=torch.float64), torch.randn(B, T - 1, dtype=torch.float64)
+
+    def run(fn, xin):
+        xr = xin.detach().clone().requires_grad_()
+        logp, ent = fn(xr[:, :-1], ys)
+        (logp * gl.to(logp.dtype) + ent * ge.to(ent.dtype)).sum().backward()
+        return logp.detach(), ent.detach(), xr.grad
+
+    kw = dict(temperature=temperature, return_entropy=True, ignore_index=IGNORE)
+    native = run(lambda a, b: flowrl_kernels.token_logprobs(a, b, impl="native", **kw), x)
+    ref64 = run(lambda a, b: reference.token_logprobs(a, b, **kw), x.double())
+    ref_dt = run(lambda a, b: reference.token_logprobs(a, b, **kw), x)
+    for name, out, r64, rdt in zip(["logp", "entropy", "dlogits"], native, ref64, ref_dt):
+        assert_no_worse_than_torch(out, r64, rdt, name=name)
+    assert native[2].dtype == dtype and (native[2][:, -1] == 0).all()  # the last position is not read
+    # the CPU default is native once built
+    assert torch.equal(flowrl_kernels.token_logprobs(xs, ys, **kw)[0], native[0])
+
+
+@needs_native
+@pytest.mark.parametrize("importance", ["none", "sequence", "sequence_mean"])
+def test_public_flowrl_loss_native(importance):
+    if not hasattr(flowrl_kernels, "flowrl_loss"):
+        pytest.skip("flowrl_kernels.flowrl_loss not merged yet")
+    B, T = 7, 23
+    logp, old, ref, log_z, rewards, mask = _loss_inputs(B, T, torch.bfloat16, "bool", strided=True)
+
+    def run(impl, cd):
+        lp = logp.detach().to(cd).requires_grad_()
+        lz = log_z.detach().to(cd if cd == torch.float64 else torch.float32).requires_grad_()
+        fn = reference.flowrl_loss if impl == "ref" else (
+            lambda *a, **k: flowrl_kernels.flowrl_loss(*a, impl=impl, **k))
+        loss, stats = fn(lp, old.to(cd), ref.to(cd), lz, rewards.to(lz.dtype), mask, beta=10.0,
+                         importance=importance, clip=(0.8, 1.25), reduction="mean")
+        loss.backward()
+        return loss.detach(), stats, lp.grad, lz.grad
+
+    nat, r64, rdt = run("native", torch.bfloat16), run("ref", torch.float64), run("ref", torch.bfloat16)
+    assert_no_worse_than_torch(nat[0], r64[0], rdt[0], name="loss")
+    assert_no_worse_than_torch(nat[2], r64[2], rdt[2], name="grad_logp")
+    assert_no_worse_than_torch(nat[3], r64[3], rdt[3], name="grad_log_z")
+    assert abs(float(nat[1]["clip_frac"]) - float(r64[1]["clip_frac"])) < 1e-6  # a count / B in fp32
+
+
 # ----------------------------------------------------------------------------------------------------
 # flowrl_loss
 # ----------------------------------------------------------------------------------------------------
