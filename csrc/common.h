@@ -11,13 +11,17 @@
 namespace flowrl {
 
 // FLOWRL_KERNELS_POISON=1 (the test suite): fresh outputs are NaN, so an unwritten position fails a test
-inline at::Tensor out_empty(at::IntArrayRef shape, const at::TensorOptions& opts) {
+inline bool poison_enabled() {
   static const bool poison = [] {
     const char* v = std::getenv("FLOWRL_KERNELS_POISON");
     return v && std::string(v) != "" && std::string(v) != "0";
   }();
+  return poison;
+}
+
+inline at::Tensor out_empty(at::IntArrayRef shape, const at::TensorOptions& opts) {
   at::Tensor t = at::empty(shape, opts);
-  if (poison && t.is_floating_point()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (poison_enabled() && t.is_floating_point()) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
 }
 
