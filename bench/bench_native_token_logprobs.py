@@ -79,7 +79,7 @@ def test_token_logprobs_fwd_bwd(benchmark, impl, inputs):
     _skip_if_missing(impl)
     benchmark.group = GROUP
     benchmark.extra_info["threads"] = torch.get_num_threads()
-    grad = benchmark.pedantic(IMPLS[impl], args=inputs, rounds=5, iterations=1, warmup_rounds=1)
+    grad = benchmark.pedantic(IMPLS[impl], args=inputs, rounds=5, iterations=1, warmup_rounds=2)
     assert grad.shape == (N, V) and grad.dtype == DTYPE
     benchmark.extra_info["GB/s (fused bytes)"] = round(BYTES / benchmark.stats.stats.median / 1e9, 2)
 
