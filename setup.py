@@ -76,13 +76,14 @@ class CMakeBuild(build_ext):
         except Exception as e:  # noqa: BLE001
             self._degrade(e)
 
-    def _degrade(self, err):
+    def _degrade(self, err, what=None):
         if _flag("FLOWRL_KERNELS_NATIVE_STRICT"):
             raise err
-        msg = (f"flowrl_kernels: the native extension was NOT built ({type(err).__name__}: {err}). "
-               "Installing the pure-Python package; CPU ops will use the torch reference. "
-               "To build it: have torch, cmake and a C++17 compiler installed and run "
-               "`pip install --no-build-isolation .` (set FLOWRL_KERNELS_NATIVE_STRICT=1 to see the error).")
+        what = what or ("the native extension was NOT built. Installing the pure-Python package; CPU ops "
+                        "will use the torch reference. To build it: have torch, cmake and a C++17 compiler "
+                        "installed and run `pip install --no-build-isolation .`")
+        msg = (f"flowrl_kernels: {what} ({type(err).__name__}: {err}); "
+               "set FLOWRL_KERNELS_NATIVE_STRICT=1 to make this an error.")
         warnings.warn(msg)
         print("WARNING: " + msg, file=sys.stderr)
 
@@ -115,6 +116,25 @@ class CMakeBuild(build_ext):
         with_cuda = torch_cuda and nvcc is not None
         if "FLOWRL_KERNELS_CUDA" in os.environ:
             with_cuda = _flag("FLOWRL_KERNELS_CUDA") and nvcc is not None
+        try:
+            self._cmake_run(cmake, build_dir, ext_suffix, out_file, torch, with_cuda, nvcc)
+        except subprocess.CalledProcessError as e:
+            if not with_cuda:
+                raise
+            # the CUDA part is the fragile one (toolkit vs torch's CUDA, nvtx, arch flags): keep the CPU
+            # kernels rather than lose the whole extension
+            self._degrade(e, what="the CUDA kernels were NOT built; retrying with the CPU kernels only")
+            shutil.rmtree(build_dir, ignore_errors=True)
+            os.makedirs(build_dir, exist_ok=True)
+            self._cmake_run(cmake, build_dir, ext_suffix, out_file, torch, False, None)
+        built = os.path.join(build_dir, out_file)
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = out_path + ".tmp"
+        shutil.copyfile(built, tmp)
+        os.replace(tmp, out_path)  # atomic: a process that has the old .so mapped keeps a valid file
+
+    def _cmake_run(self, cmake, build_dir, ext_suffix, out_file, torch, with_cuda, nvcc):
+        torch_cuda = torch.version.cuda is not None
         cfg = "Debug" if self.debug else "Release"
         args = [
             f"-DCMAKE_BUILD_TYPE={cfg}",
@@ -141,11 +161,6 @@ class CMakeBuild(build_ext):
 
         subprocess.run([cmake, "-S", ROOT, "-B", build_dir] + args, check=True)
         subprocess.run([cmake, "--build", build_dir, "--config", cfg, "--parallel", jobs], check=True)
-        built = os.path.join(build_dir, out_file)
-        os.makedirs(out_dir, exist_ok=True)
-        tmp = out_path + ".tmp"
-        shutil.copyfile(built, tmp)
-        os.replace(tmp, out_path)  # atomic: a process that has the old .so mapped keeps a valid file
 
 
 def _has_module(name):
