@@ -184,6 +184,22 @@ def test_cpu_capability_variants(cap, expect):
 
 
 @needs_native
+def test_opcheck():
+    """torch.library.opcheck: schema, fake (Meta) kernels vs the real ones, aot dispatch with dynamic shapes."""
+    x, y = torch.randn(5, 33)[:, 1:], torch.tensor([3, -100, 0, 31, 7])
+    torch.library.opcheck(ops().token_logprobs_fwd.default, (x, y, 0.9, True, IGNORE))
+    torch.library.opcheck(ops().token_logprobs_fwd.default, (x.bfloat16(), y, 1.1, False, IGNORE))
+    _, lse, ent = ops().token_logprobs_fwd(x, y, 0.9, True, IGNORE)
+    torch.library.opcheck(ops().token_logprobs_bwd.default, (x, y, lse, ent, torch.randn(5), torch.randn(5), 0.9, IGNORE))
+    torch.library.opcheck(ops().token_logprobs_bwd.default, (x, y, lse, ent, torch.randn(5), None, 0.9, IGNORE))
+    p, mask = torch.randn(4, 9), torch.rand(4, 9) > 0.5
+    args = (p, p, p.half(), torch.randn(4), torch.randn(4), mask, 1.0, 1, -0.2, 0.2)
+    torch.library.opcheck(ops().flowrl_loss_fwd.default, args)
+    o = ops().flowrl_loss_fwd(*args)
+    torch.library.opcheck(ops().flowrl_loss_bwd.default, (o[0], o[1], o[2], o[6], mask, torch.bfloat16))
+
+
+@needs_native
 def test_fake_kernels_under_compile():
     """Meta kernels give shapes (symbolic ones under dynamic=True) so the ops trace in torch.compile."""
     def f(x, y):
