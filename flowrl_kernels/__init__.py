@@ -6,10 +6,12 @@ env var ``FLOWRL_KERNELS_IMPL`` overrides the default).
 """
 from . import reference
 from ._utils import native_available
+from .linear_token_logprobs import linear_token_logprobs
 
 __version__ = "0.1.0"
 
 __all__ = [
     "reference",
     "native_available",
+    "linear_token_logprobs",
 ]
