@@ -93,7 +93,9 @@ def _linear_logprobs_fwd_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    label = tl.load(labels_ptr + rows64, mask=row_ok, other=-1).to(tl.int64)
+    # int32 compare against int32 columns: an int64 [BLOCK_N, BLOCK_V] compare costs 2 registers per
+    # element, and the 128 x 128 tile already sits at ~250 of the 255 registers (fp16 spilled before)
+    label = tl.load(labels_ptr + rows64, mask=row_ok, other=-1).to(tl.int32)
     offs_h = tl.arange(0, BLOCK_H)
     offs_v = tl.arange(0, BLOCK_V)
 
@@ -121,6 +123,7 @@ def _linear_logprobs_fwd_kernel(
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols64, mask=col_ok, other=0.0)[None, :]
         x = tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
+        xt += tl.sum(tl.where(cols[None, :] == label[:, None], x, 0.0), axis=1)
         # every tile has >= 1 valid column, so m_new is finite after the first tile
         m_new = tl.maximum(m, tl.max(x, axis=1))
         d = x - m_new[:, None]
@@ -130,7 +133,6 @@ def _linear_logprobs_fwd_kernel(
         u = alpha * (u + tl.where(s > 0, m - m_new, 0.0) * s) \
             + tl.sum(tl.where(col_ok[None, :], d, 0.0) * e, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
-        xt += tl.sum(tl.where(cols64[None, :] == label[:, None], x, 0.0), axis=1)
         m = m_new
 
     # workspace [4, n_splits, N] fp32: (m, s, u, x_target)
@@ -225,8 +227,9 @@ def _linear_logprobs_bwd_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols64, mask=col_ok, other=0.0)[None, :]
 
-    label = tl.load(labels_ptr + rows64, mask=row_ok, other=0).to(tl.int64)
+    label = tl.load(labels_ptr + rows64, mask=row_ok, other=0)
     valid = row_ok & (label != ignore_index)
+    label = label.to(tl.int32)  # int32 tile compare below (valid labels are < V < 2^31)
     lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
     ent = tl.load(ent_ptr + rows64, mask=row_ok, other=0.0)
     g_lp = tl.where(valid, tl.load(glogp_ptr + rows64, mask=row_ok, other=0.0), 0.0)
@@ -235,7 +238,7 @@ def _linear_logprobs_bwd_kernel(
     logp = acc * inv_temp - lse[:, None]
     p = tl.exp(logp)
     dx = -p * (g_lp[:, None] + g_en[:, None] * (logp + ent[:, None]))
-    dx += tl.where(cols64[None, :] == label[:, None], g_lp[:, None], 0.0)
+    dx += tl.where(cols[None, :] == label[:, None], g_lp[:, None], 0.0)
     dz = tl.where(valid[:, None], dx * inv_temp, 0.0)
     tl.store(dz_ptr + rows64[:, None] * stride_dzn + cols64[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
@@ -249,9 +252,12 @@ def _tiles(n_rows: int, vocab: int, dtype: torch.dtype):
     if triton_interpret():
         block_v = _INTERP_BLOCK_V if vocab <= _INTERP_LARGE_V else _INTERP_BLOCK_V_LARGE
         return _INTERP_BLOCK_N, block_v, _INTERP_BLOCK_H, 1, 1
-    block_h = 32 if dtype == torch.float32 else 64
+    if dtype == torch.float32:
+        # exact fp32 tl.dot runs on FMA units with a larger register footprint: 128 x 128 spilled
+        # (255 regs + 48 B stack in the sm_90 compile check); 64 x 128 x 32 does not
+        return _BLOCK_N_SMALL, _BLOCK_V, 32, _NUM_WARPS, _NUM_STAGES
     block_n = _BLOCK_N_SMALL if n_rows <= _BLOCK_N_SMALL else _BLOCK_N
-    return block_n, _BLOCK_V, block_h, _NUM_WARPS, _NUM_STAGES
+    return block_n, _BLOCK_V, 64, _NUM_WARPS, _NUM_STAGES
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
