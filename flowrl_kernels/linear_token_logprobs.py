@@ -424,7 +424,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         if impl == "triton":
             # dz in the input dtype feeds cuBLAS directly (fp32 accumulation inside each matmul).
             w_mm, b_k, mm_dtype = weight, bias, hidden.dtype
-            dz_buf = torch.empty((min(chunk, N), V), dtype=mm_dtype, device=dev)
+            dz_buf = empty((min(chunk, N), V), dtype=mm_dtype, device=dev)  # NaN-poisoned in tests
         else:
             w_mm, b_k = _torch_mm_operands(hidden, weight, bias, cd)
             mm_dtype = cd
