@@ -305,7 +305,8 @@ def _triton_forward(h2, weight, bias, labels, inv_temp, ignore_index):
         h2.stride(0), weight.stride(0),
         inv_temp,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
-        DOT_PRECISION=_dot_precision(h2.dtype), UPCAST_OPERANDS=_upcast(h2.dtype), num_warps=warps, num_stages=stages,
+        DOT_PRECISION=_dot_precision(h2.dtype), UPCAST_OPERANDS=_upcast(h2.dtype),
+        num_warps=warps, num_stages=stages,
     )
     _linear_logprobs_merge_kernel[(triton.cdiv(N, _MERGE_BLOCK),)](
         ws, labels, logp, ent, lse, N, n_splits, ignore_index, BLOCK=_MERGE_BLOCK,
@@ -326,7 +327,8 @@ def _triton_dlogits(h, weight, bias, labels, lse, ent, g_logp, g_ent, inv_temp, 
         h.stride(0), weight.stride(0), dz.stride(0),
         inv_temp, ignore_index,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
-        DOT_PRECISION=_dot_precision(h.dtype), UPCAST_OPERANDS=_upcast(h.dtype), num_warps=warps, num_stages=stages,
+        DOT_PRECISION=_dot_precision(h.dtype), UPCAST_OPERANDS=_upcast(h.dtype),
+        num_warps=warps, num_stages=stages,
     )
 
 
@@ -434,7 +436,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         dW = None
         if need_w:
             dW = torch.zeros((V, H), dtype=mm_dtype, device=dev)
-        db = torch.zeros(V, dtype=torch.float32 if cd == torch.float32 else cd, device=dev) if need_b else None
+        db = torch.zeros(V, dtype=cd, device=dev) if need_b else None  # fp32 (fp64 for fp64 inputs)
 
         for r0 in range(0, N, chunk):
             r1 = min(N, r0 + chunk)
