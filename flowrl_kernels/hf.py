@@ -86,11 +86,6 @@ def _check_head(head) -> None:
             "hidden @ weight.T + bias, e.g. a LoRA or quantized layer); merge adapters / dequantize first, or "
             "compute log-probs from model(...).logits with flowrl_kernels.token_logprobs."
         )
-    if type(head.weight).__name__ == "DTensor":
-        raise ValueError(
-            "the lm_head weight is a DTensor inside the forward (tensor/sequence parallel); response_logprobs "
-            "needs the full [V, H] weight. FSDP2 alone is fine (it unshards the weight for the forward)."
-        )
 
 
 def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -147,6 +142,12 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             )
         calls.append(1)
         weight, bias = head.weight, head.bias
+        # outside the forward FSDP2 parameters are sharded DTensors; inside it they are plain unsharded tensors
+        if type(weight).__name__ == "DTensor":
+            raise ValueError(
+                "the lm_head weight is a DTensor inside the forward (tensor parallel?); response_logprobs needs the "
+                "full [V, H] weight there. FSDP2 alone is fine (it unshards the weight for the forward)."
+            )
         dev = hidden.device.type
         if torch.is_autocast_enabled(dev):  # what nn.Linear would compute in
             dt = torch.get_autocast_dtype(dev)
