@@ -88,10 +88,12 @@ class Integration:
             return None
 
     def _check(self):
-        """Returns (resolved targets [(module, original)], problems [str]); imports but changes nothing."""
+        """Resolved targets [(target, module, original)], or PatchError listing every problem; changes nothing."""
         version = self.installed_version()
         if version is None:
-            raise PatchError(f"flowrl_kernels: cannot patch {self.dist}: it is not installed (pip install {self.dist}).")
+            raise PatchError(
+                f"flowrl_kernels: cannot patch {self.dist}: it is not installed (pip install {self.dist})."
+            )
         if _version_tuple(version) < _version_tuple(self.min_version):
             raise PatchError(
                 f"flowrl_kernels: cannot patch {self.dist} {version}: versions before {self.min_version} were not "

@@ -47,7 +47,7 @@ def _build_compute_entropy(original):
 
 INTEGRATION = Integration(
     dist="openrlhf",
-    min_version="0.11.0",
+    min_version="0.11.2",
     tested_version="0.11.2",
     targets=[
         Target("openrlhf.models.utils", "log_probs_from_logits", ("logits", "labels", "temperature"),

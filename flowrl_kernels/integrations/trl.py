@@ -113,7 +113,7 @@ def _build_chunked_logprob(original):
 
 INTEGRATION = Integration(
     dist="trl",
-    min_version="1.0.0",
+    min_version="1.16.0",
     tested_version="1.16.0",
     targets=[
         Target("trl.trainer.utils", "selective_log_softmax",

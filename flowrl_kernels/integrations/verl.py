@@ -58,7 +58,7 @@ def _build_entropy_from_logits_with_chunking(original):
 
 INTEGRATION = Integration(
     dist="verl",
-    min_version="0.9.0",
+    min_version="0.9.1",
     tested_version="0.9.1",
     targets=[
         Target("verl.utils.torch_functional", "logprobs_from_logits", ("logits", "labels"),
