@@ -10,10 +10,11 @@ torch must be importable at build time, so build with ``--no-build-isolation``. 
 cmake, a torch without headers) install the pure-Python package with a warning; the library then runs
 its Triton and torch paths, and ``flowrl_kernels.native_available()`` is False.
 
-Environment knobs: FLOWRL_KERNELS_SKIP_NATIVE=1 (no extension), FLOWRL_KERNELS_CUDA=0|1 (force the
-CUDA kernels off/on; default: on when torch has CUDA and nvcc is found), FLOWRL_KERNELS_CUDA_ARCHS
-(default "80;90"), MAX_JOBS (parallel compile jobs), FLOWRL_KERNELS_NATIVE_STRICT=1 (a failed build is
-an error instead of a warning; for CI of the extension itself).
+Environment knobs: FLOWRL_KERNELS_SKIP_NATIVE=1 (no extension), FLOWRL_KERNELS_CUDA=0 (CPU kernels only;
+the CUDA kernels are built when torch has CUDA and nvcc is found via CUDA_HOME, /usr/local/cuda or PATH;
+a failed CUDA build falls back to the CPU kernels), FLOWRL_KERNELS_CUDA_ARCHS (default "80;90"),
+MAX_JOBS (parallel compile jobs; default all cores), FLOWRL_KERNELS_NATIVE_STRICT=1 (a failed build is
+an error instead of a warning; for CI of the extension itself). ccache is used when found.
 """
 import os
 import shutil
