@@ -41,6 +41,7 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, labels: Sequence[str] = ()) -
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     runs = [Path(d) for d in run_dirs]
     labels = list(labels) or [d.name for d in runs]
@@ -57,6 +58,7 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, labels: Sequence[str] = ()) -
                             label=label if style == "-" else None)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     handles, names = axes.flat[0].get_legend_handles_labels()
     if handles:
