@@ -41,7 +41,9 @@ _TMP = ".tmp-"
 def checkpoints(run_dir: Path) -> List[Path]:
     """Complete checkpoints in ``run_dir``, oldest first (a folder counts once DCP's metadata is in it)."""
     root = Path(run_dir) / SUBDIR
-    found = [p for p in root.glob("step_*") if _NAME.match(p.name) and (p / ".metadata").is_file()] if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if _NAME.match(p.name) and (p / ".metadata").is_file()]
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 

@@ -263,7 +263,8 @@ class Train:
         _check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1.")
         _check(self.mini_batch_size >= 0, f"train.mini_batch_size={self.mini_batch_size} must be >= 0.")
         _check(self.micro_batch_size >= 1, f"train.micro_batch_size={self.micro_batch_size} must be >= 1.")
-        _check(self.max_consecutive_skips >= 1, f"train.max_consecutive_skips={self.max_consecutive_skips} must be >= 1.")
+        _check(self.max_consecutive_skips >= 1,
+               f"train.max_consecutive_skips={self.max_consecutive_skips} must be >= 1.")
 
 
 @dataclass

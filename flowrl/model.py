@@ -8,8 +8,11 @@
 - any local HF causal-LM folder.
 
 ``Policy.forward`` returns float32 token log-probs (and entropy) of the response tokens via
-``flowrl_kernels`` plus log Z(x) from the head. The head lives in ``Policy.log_z``, outside
-``Policy.lm``, so ``policy.lm.save_pretrained(...)`` exports inference weights without it.
+``flowrl_kernels`` plus log Z(x) from the head. ``model.logprob_impl = "fused"`` (default) goes through
+``flowrl_kernels.hf.response_logprobs`` (the LM's own forward, its lm_head computing log-probs from the
+hidden states in chunks: [N, V] logits never exist; bench/bench_trainer_logprob_memory.py: one step at
+V=151936 peaks 165 MiB above baseline vs 892 MiB for "logits", same loss). The head lives in
+``Policy.log_z``, outside ``Policy.lm``, so exported inference weights (flowrl/checkpoint.py) omit it.
 """
 from __future__ import annotations
 
@@ -209,7 +212,8 @@ class Policy(nn.Module):
         finally:
             hook.remove()
         # [B, P+R] aligned with input_ids -> the [B, R] response columns
-        out = {"logp": res[0][:, prompt_len:], "entropy": res[1][:, prompt_len:]} if entropy else {"logp": res[:, prompt_len:]}
+        res = res if entropy else (res,)
+        out = dict(zip(("logp", "entropy"), (r[:, prompt_len:] for r in res)))
         return out, captured[0]
 
     def _logits_logprobs(self, input_ids, attention_mask, labels, prompt_len, temperature, entropy):

@@ -155,7 +155,8 @@ class VLLMRollout:
         from vllm import SamplingParams
         self.sync(policy, version)
         enc = encode_prompts(self.tokenizer, messages, "cpu")
-        prompts = [{"prompt_token_ids": ids[m.bool()].tolist()} for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
+        prompts = [{"prompt_token_ids": ids[m.bool()].tolist()}  # vLLM takes unpadded token ids
+                   for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
         # one seed per prompt from the torch generator: checkpointed with it, so a resumed run samples the same
         seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
