@@ -172,7 +172,7 @@ def rl_step(policy, ref, tok, opt, sched, cfg: config.Config, messages: List[lis
         loss, _ = algorithms.objective(out, out["logp"].detach(), ref_b, r_hat[i: i + mb], b.response_mask,
                                        cfg.algo, n_seq=B, n_tok=n_tok)
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     gn = distributed.clip_grad_norm(policy.parameters(), cfg.optim.grad_clip)
     opt.step()
     sched.step()
