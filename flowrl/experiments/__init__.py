@@ -1,0 +1,1 @@
+"""Experiments built on the trainer's pieces (flowrl.model / rollout / algorithms / tasks): see each module."""

@@ -1,0 +1,160 @@
+"""flowrl/diversity.py on hand-made inputs, and the diversity experiment (flowrl/experiments/diversity.py):
+exact metrics of hand-built answer distributions against values computed by hand, the enumeration
+against the model's own logits, and a few-step smoke run of the tiny setting."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from flowrl import diversity
+from flowrl.experiments import diversity as exp
+from flowrl.model import tiny_tokenizer
+
+MAL = exp.MALFORMED
+
+
+# ----------------------------------------------------------------------------------------------------
+# flowrl/diversity.py
+# ----------------------------------------------------------------------------------------------------
+def test_distinct_correct_counts_distinct_correct_answers_over_solved_prompts():
+    answers = [["1 2", " 1  2", "3", None], ["5", "5", "6", "7"], ["x", None, "y", "z"]]
+    correct = [[True, True, True, False], [True, True, False, True], [False, False, False, False]]
+    # prompt 0: {"1 2", "3"} (whitespace-normalized) = 2; prompt 1: {"5", "7"} = 2; prompt 2 unsolved: left out
+    assert diversity.distinct_correct(answers, correct) == 2.0
+    assert diversity.distinct_correct([["a"]], [[False]]) == 0.0
+    with pytest.raises(ValueError):
+        diversity.distinct_correct([["a", "b"]], [[True]])  # mismatched lengths are an error, not a silent zip
+
+
+def test_answer_entropy_by_hand():
+    # prompt 0: {a: 2, b: 1, <none>: 1}; prompt 1: all the same -> 0
+    h0 = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    assert diversity.answer_entropy([["a", "a", "b", None], ["c", "c", "c", "c"]]) == pytest.approx(h0 / 2, rel=1e-12)
+    assert diversity.entropy([1, 1, 1, 1]) == pytest.approx(math.log(4), rel=1e-12)
+    assert diversity.entropy([0, 3]) == 0.0 and diversity.entropy([]) == 0.0
+
+
+def test_target_distribution_and_kl_by_hand():
+    ref = {"a": 0.5, "b": 0.3, "c": 0.2}
+    r = {"a": 0.0, "b": 1.0, "c": 1.0}
+    beta = 2.0
+    z = 0.5 + 0.3 * math.e ** 2 + 0.2 * math.e ** 2
+    t = diversity.target_distribution(ref, r, beta)
+    assert t == pytest.approx({"a": 0.5 / z, "b": 0.3 * math.e ** 2 / z, "c": 0.2 * math.e ** 2 / z}, rel=1e-12)
+    # beta * r of 1000 does not overflow (log-space): the target is ref restricted to reward-1 answers
+    t_big = diversity.target_distribution(ref, r, 1000.0)
+    assert t_big["b"] == pytest.approx(0.6, rel=1e-12) and t_big["a"] < 1e-300
+    p = {"a": 0.1, "b": 0.9}
+    kl = 0.1 * math.log(0.1 / t["a"]) + 0.9 * math.log(0.9 / t["b"])
+    assert diversity.kl_divergence(p, t) == pytest.approx(kl, rel=1e-12)
+    assert diversity.kl_divergence(t, t) == pytest.approx(0.0, abs=1e-15)
+    assert diversity.kl_divergence({"a": 1.0}, {"b": 1.0}) == math.inf
+    with pytest.raises(ValueError):
+        diversity.target_distribution({"a": 0.0}, {}, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the experiment's exact metrics
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def test_digit_sum_task_parse_and_reward(tok):
+    task = exp.DigitSumTask(tok, 2, [1])
+    d, eos = task.digit_ids, task.eos
+    assert len(task.answers) == 100 and task.answers[:2] == ["00", "01"]
+    assert task.parse([d[1], d[2], eos]) == "12"
+    assert task.parse([d[1], d[2], eos, d[3]]) == "12"  # whatever follows EOS is never generated
+    assert task.parse([d[1], eos]) is None          # too short
+    assert task.parse([d[1], d[2], d[3]]) is None   # no EOS after k digits
+    assert task.parse([d[1], tok.convert_tokens_to_ids("a"), eos]) is None
+    assert task.correct(1, "10") and task.correct(1, "01") and not task.correct(1, "11")
+    assert not task.correct(1, None) and not task.correct(1, MAL)
+
+
+def test_exact_metrics_on_a_hand_built_policy(tok):
+    """'sum 1' with k=2: correct answers are '01' and '10'. pi and pi_ref are written down; every metric
+    is recomputed here from its definition."""
+    task = exp.DigitSumTask(tok, 2, [1])
+    pi = {a: 0.0 for a in task.answers}
+    pi.update({"01": 0.4, "10": 0.2, "55": 0.1, MAL: 0.3})
+    ref = {a: 0.0099 for a in task.answers}
+    ref[MAL] = 0.01
+    beta, n = 2.0, 4
+    m = exp.exact_metrics([pi], [ref], task, [1], beta=beta, n=n)
+
+    z = 2 * 0.0099 * math.e ** beta + 98 * 0.0099 + 0.01
+    p_star = {"01": 0.0099 * math.e ** beta / z, "10": 0.0099 * math.e ** beta / z, "55": 0.0099 / z, MAL: 0.01 / z}
+    kl = sum(pi[y] * math.log(pi[y] / p_star[y]) for y in ("01", "10", "55", MAL))
+    pass_n = 1 - 0.4 ** n
+    expected = {
+        "exact_accuracy": 0.6,
+        "exact_pass_at_n": pass_n,
+        "exact_distinct_at_n": ((1 - 0.6 ** n) + (1 - 0.8 ** n)) / pass_n,
+        "exact_entropy": -(0.4 * math.log(0.4) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1) + 0.3 * math.log(0.3)),
+        "exact_eff_correct": math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))),
+        "exact_kl": kl,
+        "exact_malformed": 0.3,
+    }
+    for k, v in expected.items():
+        assert m[k] == pytest.approx(v, rel=1e-12), k
+    assert m["exact_kl_fwd"] == math.inf  # pi has zeros where p* has mass (e.g. '00'): forward KL is infinite
+
+    # a policy equal to its target has KL 0 both ways and the target's effective number of correct answers
+    full_star = {a: 0.0099 * (math.e ** beta if a in ("01", "10") else 1.0) / z for a in task.answers}
+    full_star[MAL] = 0.01 / z
+    m2 = exp.exact_metrics([full_star], [ref], task, [1], beta=beta, n=n)
+    assert m2["exact_kl"] == pytest.approx(0.0, abs=1e-14) and m2["exact_kl_fwd"] == pytest.approx(0.0, abs=1e-14)
+    assert m2["exact_eff_correct"] == pytest.approx(2.0, rel=1e-12)
+
+
+def test_sampled_metrics_by_hand():
+    answers = [["01", "10", None, "01"], ["22", "22", "13", "40"]]
+    correct = [[True, True, False, True], [False, False, True, True]]
+    m = exp.sampled_metrics(answers, correct)
+    assert m["accuracy"] == 5 / 8 and m["pass_at_n"] == 1.0 and m["distinct_correct"] == 2.0
+    h0 = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    h1 = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    assert m["answer_entropy"] == pytest.approx((h0 + h1) / 2, rel=1e-12)
+
+
+def test_enumeration_matches_the_models_own_logits(tok):
+    """answer_distributions (Policy.forward / flowrl_kernels log-probs, padded batch) == product of
+    softmax(lm logits) token probabilities computed one unpadded sequence at a time."""
+    args = exp.parse_args(["tiny", "--k", "2", "--sums", "3", "12"])
+    cfg = exp.make_config(args, "grpo", 0, model={"path": "tiny-llama", "tiny_layers": 1, "tiny_hidden": 16},
+                          task={"name": "synthetic"})
+    policy, _, tok = exp.build_policy(cfg)
+    task = exp.DigitSumTask(tok, 2, [3, 12])
+    dists = exp.answer_distributions(policy, tok, task, task.sums, chunk=77)  # odd chunk: crosses prompts
+    for d in dists:
+        assert sum(d.values()) == pytest.approx(1.0, abs=1e-9)
+    with torch.no_grad():
+        for i, s in enumerate(task.sums):
+            prompt = tok.apply_chat_template(task.messages(s), add_generation_prompt=True, tokenize=False)
+            p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            for a in ("00", "39", "93"):
+                r = task.answer_ids(a)
+                logits = policy.lm(torch.tensor([p_ids + r])).logits[0, len(p_ids) - 1: -1].double()
+                lp = torch.log_softmax(logits, -1)[torch.arange(len(r)), torch.tensor(r)].sum()
+                assert dists[i][a] == pytest.approx(float(lp.exp()), rel=1e-4)
+
+
+def test_tiny_setting_smoke(tmp_path):
+    """Two training steps per method from a briefly fine-tuned init: every metric is finite and in range."""
+    res = exp.main(["tiny", "--seeds", "0", "--steps", "2", "--eval-every", "1", "--pretrain-steps", "3",
+                    "--eval-samples", "4", "--layers", "1", "--hidden", "16", "--out", str(tmp_path), "--no-plots"])
+    assert [r["algo"] for r in res["runs"]] == ["flowrl", "grpo"]
+    for r in res["runs"]:
+        assert [h["step"] for h in r["history"]] == [0, 1, 2]
+        for h in r["history"]:
+            assert 0 <= h["exact_accuracy"] <= 1 and 0 <= h["accuracy"] <= 1 and 0 <= h["exact_malformed"] <= 1
+            assert math.isfinite(h["exact_kl"]) and h["exact_kl"] >= 0 and h["exact_entropy"] >= 0
+    saved = json.loads((tmp_path / "diversity_tiny.json").read_text())
+    assert saved["runs"][0]["history"] == res["runs"][0]["history"]
+    assert "± " in (tmp_path / "diversity_tiny_table.md").read_text()
