@@ -25,8 +25,29 @@ def pytest_collect_file(file_path, parent):
     return None
 
 
+_SKIPPED = {}  # test id -> skip reason (pytest-benchmark's JSON holds only the cases that ran)
+_LOAD = {"start": os.getloadavg()}  # the CPU machine is shared: say how busy it was
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and report.when in ("setup", "call"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPPED[report.nodeid.split("::")[-1]] = reason.removeprefix("Skipped: ")
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info["flowrl_bench"] = common.machine()
+    # called when the JSON is written, at the end of the session
+    info = dict(common.machine())
+    info["loadavg_start"] = _LOAD["start"]
+    info["loadavg_end"] = os.getloadavg()
+    info["skipped"] = dict(_SKIPPED)
+    machine_info["flowrl_bench"] = info
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ceilings():
+    # measured once, before the first case, on an idle device
+    common.ceilings()
 
 
 @pytest.fixture(autouse=True)

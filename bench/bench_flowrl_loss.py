@@ -1,0 +1,63 @@
+"""flowrl_loss: the FlowRL trajectory-balance loss over [B, T] token log-probs (FLOWRL.md).
+
+Byte floor: forward reads logp, old_logp, ref_logp (fp32 [B, T]) and the bool mask once, 13 B/token;
+backward reads the mask and writes grad_logp, 5 B/token; full = 18 B/token ([B] vectors are noise).
+No peer fuses this loss: the baseline is the reference (the ~10 torch ops the authors' code composes)
+and torch.compile of it.
+"""
+import os
+
+import pytest
+import torch
+
+from bench.common import DEVICE, ON_GPU, Provider, Unavailable, compiled, fk_op, run_case
+
+# (B sequences, T tokens): the paper's mini-batch (32 prompts x 8 rollouts, responses up to 8192 tokens)
+# and a long-context one; CPU sizes keep the suite short.
+SHAPES = [(256, 8192), (64, 32768)] if ON_GPU else [(64, 1024), (16, 4096)]
+if os.environ.get("FLOWRL_BENCH_LOSS_BT"):
+    SHAPES = [tuple(int(x) for x in os.environ["FLOWRL_BENCH_LOSS_BT"].split("x"))]
+PROVIDERS = ["triton", "native", "torch", "reference", "compile"]
+KW = dict(beta=15.0, importance="sequence", clip=(0.8, 1.2), reduction="mean")
+
+
+def provider(name: str) -> Provider:
+    from flowrl_kernels import reference
+
+    if name in ("triton", "native", "torch"):
+        op = fk_op("flowrl_loss", name)
+        return Provider(lambda **t: op(**t, **KW, impl=name)[0])
+    if name == "reference":
+        return Provider(lambda **t: reference.flowrl_loss(**t, **KW)[0])
+    if name == "compile":
+        f = compiled(reference.flowrl_loss)
+        return Provider(lambda **t: f(**t, **KW)[0], skip_on_error=True)
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("mode", ["forward", "backward", "full"])
+@pytest.mark.parametrize("prov", PROVIDERS)
+@pytest.mark.parametrize("B, T", SHAPES, ids=[f"B{b}xT{t}" for b, t in SHAPES])
+def test_flowrl_loss(benchmark, B, T, prov, mode):
+    try:
+        p = provider(prov)
+    except Unavailable as e:
+        pytest.skip(str(e))
+    benchmark.group = f"flowrl_loss B{B}xT{T} {mode}"
+
+    def make_inputs(requires_grad):
+        g = dict(device=DEVICE, dtype=torch.float32)
+        logp = -torch.rand(B, T, **g) * 3  # token log-probs of sampled text: mostly in (-3, 0)
+        # old/ref differ by a few % per token: sequence ratios over thousands of tokens get clipped
+        old = logp + 0.05 * torch.randn(B, T, **g)
+        ref = logp + 0.1 * torch.randn(B, T, **g)
+        lengths = torch.randint(T // 4, T + 1, (B,), device=DEVICE)
+        mask = torch.arange(T, device=DEVICE)[None, :] < lengths[:, None]
+        return {"logp": logp.requires_grad_(requires_grad), "old_logp": old, "ref_logp": ref,
+                "log_z": torch.randn(B, **g).requires_grad_(requires_grad),
+                "rewards": torch.randn(B, **g), "mask": mask}
+
+    bt = B * T
+    run_case(benchmark, p, make_inputs, mode,
+             info={"op": "flowrl_loss", "provider": prov, "model": f"B{B}xT{T}", "N": bt, "B": B, "T": T},
+             bytes_moved={"forward": 13 * bt, "backward": 5 * bt, "full": 18 * bt})

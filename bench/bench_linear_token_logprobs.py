@@ -1,0 +1,98 @@
+"""linear_token_logprobs: per-token log-probs (+ entropy) of hidden @ weight.T, the fused lm_head.
+
+FLOP (the recompute algorithm a fused kernel runs): forward 2*N*H*V, backward 6*N*H*V (recompute the
+logits, then dH and dW), full 8*N*H*V. The same count is used for every provider, so TFLOP/s compares
+time; an unfused path does 4*N*H*V in its backward (it keeps the logits) but writes and re-reads the
+[N, V] fp32 logits several times, which is what peak memory shows.
+
+Providers ("+H" = also returns the entropy, with its gradient):
+  triton, triton+H, native, native+H, torch   flowrl_kernels.linear_token_logprobs(impl=...)
+  reference, reference+H                      flowrl_kernels.reference.linear_token_logprobs (the spec:
+                                              upcasts hidden and weight, fp32 matmul, fp32 logits)
+  lm_head                                     what a model does: logits = hidden @ weight.T in the input
+                                              dtype, then reference.token_logprobs (skipped at float32,
+                                              where it is the reference)
+  compile                                     torch.compile of the reference
+  liger, cce                                  Liger fused_linear_cross_entropy and Cut Cross-Entropy with
+                                              reduction="none": -logp only (no entropy, no temperature)
+"""
+import os
+
+import pytest
+import torch
+
+from bench import peers
+from bench.common import (DEVICE, DTYPE, MODELS, ON_GPU, Provider, Shape, Unavailable, cases, compiled, fk_op,
+                          labels_for, run_case)
+
+# GPU: 8192 tokens; CPU: an fp32 matmul at ~0.1-0.2 TFLOP/s on 2 cores makes N=32 at V=152064 ~1 s/call.
+N0 = int(os.environ.get("FLOWRL_BENCH_LINEAR_N", 8192 if ON_GPU else 32))
+# peak memory vs N on the largest vocab; full mode only
+SWEEP_MODEL = "qwen2.5-7b"
+SHAPES = [Shape(m, N0, h, v) for m, (h, v) in MODELS.items()]
+SHAPES += [Shape(SWEEP_MODEL, n, *MODELS[SWEEP_MODEL], modes=("full",)) for n in (N0 // 2, N0 * 2)]
+TEMPERATURE = 1.0
+IGNORE = -100
+PROVIDERS = ["triton", "triton+H", "native", "native+H", "torch", "reference", "reference+H", "lm_head", "compile",
+             "liger", "cce"]
+
+
+def provider(name: str) -> Provider:
+    from flowrl_kernels import reference
+
+    ent = name.endswith("+H")
+    base = name[:-2] if ent else name
+    if base in ("triton", "native", "torch"):
+        op = fk_op("linear_token_logprobs", base)
+        return Provider(lambda hidden, weight, labels: op(hidden, weight, labels, temperature=TEMPERATURE,
+                                                          return_entropy=ent, ignore_index=IGNORE, impl=base))
+    if base == "reference":
+        return Provider(lambda hidden, weight, labels: reference.linear_token_logprobs(
+            hidden, weight, labels, temperature=TEMPERATURE, return_entropy=ent, ignore_index=IGNORE))
+    if name == "lm_head":
+        if DTYPE == torch.float32:
+            raise Unavailable("at float32 the lm_head path is the reference itself")
+        return Provider(lambda hidden, weight, labels: reference.token_logprobs(
+            hidden @ weight.t(), labels, temperature=TEMPERATURE, ignore_index=IGNORE))
+    if name == "compile":
+        f = compiled(reference.linear_token_logprobs)
+        return Provider(lambda hidden, weight, labels: f(hidden, weight, labels, temperature=TEMPERATURE,
+                                                         ignore_index=IGNORE), skip_on_error=True)
+    if name == "liger":
+        f = peers.liger_fused_linear_cross_entropy()
+        return Provider(lambda hidden, weight, labels: f(hidden, weight, labels, ignore_index=IGNORE,
+                                                         reduction="none"),
+                        note="-logp only, no entropy, no temperature", skip_on_error=True)
+    if name == "cce":
+        f = peers.cut_cross_entropy()
+        return Provider(lambda hidden, weight, labels: f(hidden, weight, labels, ignore_index=IGNORE,
+                                                         reduction="none"),
+                        note="-logp only, no entropy, no temperature; default gradient filtering",
+                        skip_on_error=True)
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("shape, mode, prov", cases(SHAPES, PROVIDERS))
+def test_linear_token_logprobs(benchmark, shape, mode, prov):
+    try:
+        p = provider(prov)
+    except Unavailable as e:
+        pytest.skip(str(e))
+    N, H, V = shape.N, shape.H, shape.V
+    s = DTYPE.itemsize
+    benchmark.group = f"linear_token_logprobs {shape.id} H{H} V{V} {mode}"
+
+    def make_inputs(requires_grad):
+        # logits = hidden @ weight.T with std ~2, like a trained lm_head; random data, never zeros
+        hidden = torch.randn(N, H, device=DEVICE, dtype=torch.float32).to(DTYPE)
+        weight = (torch.randn(V, H, device=DEVICE, dtype=torch.float32) * (2.0 / H**0.5)).to(DTYPE)
+        return {"hidden": hidden.requires_grad_(requires_grad), "weight": weight.requires_grad_(requires_grad),
+                "labels": labels_for(N, V, ignore_index=IGNORE)}
+
+    nhv = N * H * V
+    # bytes: read hidden and weight; backward also writes dH and dW (floor when the logits never exist)
+    io_fwd = (N * H + V * H) * s
+    run_case(benchmark, p, make_inputs, mode,
+             info={"op": "linear_token_logprobs", "provider": prov, "model": shape.model, "N": N, "H": H, "V": V},
+             flop={"forward": 2 * nhv, "backward": 6 * nhv, "full": 8 * nhv},
+             bytes_moved={"forward": io_fwd, "backward": 2 * io_fwd, "full": 3 * io_fwd})
