@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from bench.common import DEVICE, ON_GPU, Provider, Unavailable, compiled, fk_op, run_case
+from bench.common import DEVICE, MODES, ON_GPU, Provider, Unavailable, compiled, fk_op, run_case
 
 # (B sequences, T tokens): the paper's mini-batch (32 prompts x 8 rollouts, responses up to 8192 tokens)
 # and a long-context one; CPU sizes keep the suite short.
@@ -35,10 +35,9 @@ def provider(name: str) -> Provider:
     raise ValueError(name)
 
 
-@pytest.mark.parametrize("mode", ["forward", "backward", "full"])
-@pytest.mark.parametrize("prov", PROVIDERS)
-@pytest.mark.parametrize("B, T", SHAPES, ids=[f"B{b}xT{t}" for b, t in SHAPES])
-def test_flowrl_loss(benchmark, B, T, prov, mode):
+@pytest.mark.parametrize("B, T, mode, prov", [
+    pytest.param(b, t, m, p, id=f"B{b}xT{t}-{m}-{p}") for b, t in SHAPES for m in MODES for p in PROVIDERS])
+def test_flowrl_loss(benchmark, B, T, mode, prov):
     try:
         p = provider(prov)
     except Unavailable as e:

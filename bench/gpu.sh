@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The full-size benchmark suite on a lent H100 / H200, in one call (< 9 minutes):
+#   1. install the peers carried in .peers/ (bench/fetch_peers.sh, run beforehand on a machine with network)
+#   2. measure the card: device-to-device copy bandwidth (bytes read + written) and bf16 matmul 8192^3
+#   3. run each bench file with its own time limit and JSON (a file that overruns loses only itself)
+#   4. merge the JSON, print a compact table
+# From the repository root (the checkout the device call sends):
+#   bash bench/fetch_peers.sh                       # here, once: ~10 MB into .peers/ (git-ignored)
+#   run(command="bash bench/gpu.sh", carry=[".peers"], timeout_s=600)
+# Files go to $OUT (the device tool brings them back) or bench/results/ when OUT is unset; copy the
+# gpu-*.json into bench/results/ and run `python -m bench.report` to regenerate bench/RESULTS.md.
+# Knobs: FLOWRL_BENCH_N / FLOWRL_BENCH_LINEAR_N / FLOWRL_BENCH_LOSS_BT (sizes), FLOWRL_BENCH_BUDGET_S
+# (timed seconds per case), BENCH_K (a pytest -k filter), BENCH_BUILD_NATIVE=1 (build flowrl_kernels._C).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 FLOWRL_KERNELS_QUIET=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+unset TRITON_INTERPRET
+T0=$(date +%s)
+log() { echo "[gpu.sh +$(( $(date +%s) - T0 ))s] $*"; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" || exit 1
+
+# 1. peers (no network on the device machine: wheels travel in .peers/)
+if [ -d .peers ]; then
+  if ls .peers/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peers .peers/*.whl \
+      && export PYTHONPATH=$PYTHONPATH:/tmp/peers && log "peers installed: $(ls .peers/*.whl | xargs -n1 basename | tr '\n' ' ')"
+  fi
+  fa=$(ls .peers/flash_attn-*.tar.gz 2>/dev/null | head -1)
+  if [ -n "$fa" ]; then
+    tar xzf "$fa" -C /tmp --wildcards '*/flash_attn/ops/triton/cross_entropy.py' \
+      && export FLOWRL_BENCH_FLASH_ATTN_CE=$(ls /tmp/flash_attn-*/flash_attn/ops/triton/cross_entropy.py | head -1) \
+      && log "flash-attn triton cross_entropy from $fa"
+  fi
+else
+  log "no .peers/ carried: liger, flash-attn and cce are skipped (run bench/fetch_peers.sh and carry .peers)"
+fi
+if [ "${BENCH_BUILD_NATIVE:-0}" = 1 ]; then
+  timeout 240 $PY setup.py -q build_ext --inplace >"$OUT/native_build.log" 2>&1 && log "native extension built" \
+    || log "native build failed or timed out (see native_build.log): native skipped"
+fi
+
+# 2. the card's ceilings, measured once and handed to every bench file
+$PY - <<'PY' >/tmp/ceilings.env || exit 1
+from bench.common import ceilings, machine
+c = ceilings()
+import sys
+print(f"export FLOWRL_BENCH_COPY_GBPS={c['copy_GBps']:.1f} FLOWRL_BENCH_MATMUL_TFLOPS={c['matmul_TFLOPs']:.1f}")
+m = machine()
+print(f"# {m['device']}: copy {c['copy_GBps']:.0f} GB/s (2 GiB D2D, read+write), bf16 matmul 8192^3 "
+      f"{c['matmul_TFLOPs']:.0f} TFLOP/s", file=sys.stderr)
+PY
+source /tmp/ceilings.env
+log "ceilings: copy ${FLOWRL_BENCH_COPY_GBPS} GB/s, bf16 matmul ${FLOWRL_BENCH_MATMUL_TFLOPS} TFLOP/s"
+
+# 3. the suite, one file at a time (seconds of limit each; the whole call must stay under 9 minutes)
+CARD=$($PY -c "import torch,re; print(re.sub('[^a-z0-9]+','-',torch.cuda.get_device_name().lower()).strip('-'))")
+STAMP=$(date -u +%Y%m%d-%H%M)
+PARTS=()
+for spec in token_logprobs:200 linear_token_logprobs:170 flowrl_loss:45 train_step:60; do
+  f=${spec%%:*}; lim=${spec##*:}
+  [ -f "bench/bench_$f.py" ] || { log "bench/bench_$f.py absent, skipped"; continue; }
+  left=$(( 520 - ($(date +%s) - T0) ))
+  (( lim > left )) && lim=$left
+  (( lim < 20 )) && { log "no time left for $f"; continue; }
+  log "bench_$f.py (limit ${lim}s)"
+  timeout -k 5 "$lim" $PY -m pytest "bench/bench_$f.py" --benchmark-only -q -p no:cacheprovider \
+      ${BENCH_K:+-k "$BENCH_K"} --benchmark-json="/tmp/part-$f.json" --benchmark-columns=median,iqr,rounds \
+      >"/tmp/part-$f.log" 2>&1
+  rc=$?
+  tail -n 4 "/tmp/part-$f.log"
+  (( rc == 124 )) && log "bench_$f.py ran past ${lim}s: its results are lost (lower FLOWRL_BENCH_BUDGET_S or sizes)"
+  [ -f "/tmp/part-$f.json" ] && PARTS+=("/tmp/part-$f.json")
+  cat "/tmp/part-$f.log" >> "$OUT/bench.log"
+done
+
+# 4. one JSON for this run, and the compact table
+(( ${#PARTS[@]} )) || { log "no results"; exit 1; }
+J="$OUT/gpu-$CARD-$STAMP.json"
+$PY -m bench.report --merge "$J" "${PARTS[@]}" && log "wrote $J"
+$PY -m bench.report --compact "$J" | tee "$OUT/table.txt"
+log "done"
