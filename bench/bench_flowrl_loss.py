@@ -4,6 +4,14 @@ Byte floor: forward reads logp, old_logp, ref_logp (fp32 [B, T]) and the bool ma
 backward reads the mask and writes grad_logp, 5 B/token; full = 18 B/token ([B] vectors are noise).
 No peer fuses this loss: the baseline is the reference (the ~10 torch ops the authors' code composes)
 and torch.compile of it.
+
+At these sizes the loss is bound by launches and passes, not by one kernel's speed, so every eager
+provider also records ``aten_ops``: the ATen ops with a kernel one call dispatches (the fused op's
+Triton / native launch counts as one). The fused op's remaining ATen ops work on [B] vectors or
+scalars only (loss = per_seq.sum() / B, clip_frac, the backward's seed and the / B of "mean"); the
+reference's include ~30 that read or write [B, T] tensors (masked means, the log-ratio sum, the
+where/mul temporaries, the backward's grad_logp built from where/mul/div/expand).
+(Folded from the issue-3 helper's first version of this file, which measured B=512 x T=8192.)
 """
 import os
 
@@ -12,9 +20,9 @@ import torch
 
 from bench.common import DEVICE, MODES, ON_GPU, Provider, Unavailable, compiled, fk_op, run_case
 
-# (B sequences, T tokens): the paper's mini-batch (32 prompts x 8 rollouts, responses up to 8192 tokens)
-# and a long-context one; CPU sizes keep the suite short.
-SHAPES = [(256, 8192), (64, 32768)] if ON_GPU else [(64, 1024), (16, 4096)]
+# (B sequences, T tokens): a training batch of the paper's setup (512 prompts x 8 rollouts split in
+# mini-batches; responses up to 8192 tokens) and a long-context one; CPU sizes keep the suite short.
+SHAPES = [(512, 8192), (64, 32768)] if ON_GPU else [(128, 8192), (16, 32768)]
 if os.environ.get("FLOWRL_BENCH_LOSS_BT"):
     SHAPES = [tuple(int(x) for x in os.environ["FLOWRL_BENCH_LOSS_BT"].split("x"))]
 PROVIDERS = ["triton", "native", "torch", "reference", "compile"]
@@ -59,4 +67,5 @@ def test_flowrl_loss(benchmark, B, T, mode, prov):
     bt = B * T
     run_case(benchmark, p, make_inputs, mode,
              info={"op": "flowrl_loss", "provider": prov, "model": f"B{B}xT{T}", "N": bt, "B": B, "T": T},
-             bytes_moved={"forward": 13 * bt, "backward": 5 * bt, "full": 18 * bt})
+             bytes_moved={"forward": 13 * bt, "backward": 5 * bt, "full": 18 * bt},
+             count_ops=prov != "compile")

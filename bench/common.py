@@ -268,10 +268,12 @@ def _percentile(sorted_xs: Sequence[float], q: float) -> float:
 
 def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[str, torch.Tensor]], mode: str,
              *, info: Dict[str, object], bytes_moved: Optional[Dict[str, float]] = None,
-             flop: Optional[Dict[str, float]] = None) -> None:
+             flop: Optional[Dict[str, float]] = None, count_ops: bool = False) -> None:
     """Time ``provider`` on ``make_inputs(requires_grad)`` in ``mode`` and fill ``benchmark.extra_info``.
 
     bytes_moved / flop: the floor of each mode (bytes that must cross memory, FLOP that must be done).
+    count_ops: also record ``aten_ops``, the ATen ops with a kernel of one timed call (not for
+    compiled providers).
     """
     import pytest
 
@@ -356,6 +358,11 @@ def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[s
         args, kwargs = setup()
         peak = peak_memory(lambda: target(*args, **kwargs))
         del args, kwargs
+        n_ops = None
+        if count_ops:
+            args, kwargs = setup()
+            n_ops = count_aten_ops(lambda: target(*args, **kwargs))
+            del args, kwargs
     except torch.OutOfMemoryError as e:  # pragma: no cover - GPU only
         del base
         _free()
@@ -371,6 +378,8 @@ def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[s
               peak_mem_bytes=peak, copy_GBps=ceil["copy_GBps"], matmul_TFLOPs=ceil["matmul_TFLOPs"])
     if provider.note:
         ei["note"] = provider.note
+    if n_ops is not None:
+        ei["aten_ops"] = n_ops
     if bytes_moved is not None:
         b = bytes_moved[mode]
         ei["bytes_floor"] = b
@@ -429,3 +438,30 @@ def compiled(fn: Callable) -> Callable:
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
     return _COMPILED[fn]
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch counts (small-tensor ops are bound by launches, not bytes)
+# ----------------------------------------------------------------------------------------------------
+# ATen ops that launch no kernel: metadata / allocation only
+NO_KERNEL = {"empty", "empty_strided", "view", "_unsafe_view", "as_strided", "expand", "detach", "alias",
+             "t", "transpose", "unsqueeze", "squeeze", "select", "slice", "permute", "lift_fresh"}
+
+
+def count_aten_ops(fn: Callable[[], object]) -> int:
+    """ATen ops with a kernel that one call of ``fn`` dispatches (a TorchDispatchMode counter; custom
+    ops such as a Triton launch or a native op count as one). Not for torch.compile'd code: a dispatch
+    mode makes dynamo fall back to eager."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Counter(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in NO_KERNEL:
+                _Counter.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Counter():
+        fn()
+    return _Counter.n

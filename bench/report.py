@@ -80,6 +80,9 @@ def op_table(rows, op):
     hdr = ["shape", "mode", "provider", "median ms", "p20-p80 ms", "GB/s", "% floor"]
     if lin:
         hdr += ["TFLOP/s", "% matmul"]
+    ops = any(e.get("aten_ops") is not None for e in rows if e["op"] == op)
+    if ops:
+        hdr += ["ATen ops"]
     hdr += ["peak MiB", "x ref", "note"]
     out = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for (shape, mode), es in _groups(rows, op):
@@ -91,6 +94,8 @@ def op_table(rows, op):
                      _fmt(e.get("pct_floor"), 1)]
             if lin:
                 cells += [_fmt(e.get("TFLOPs"), 3), _fmt(e.get("pct_matmul"), 1)]
+            if ops:
+                cells += [_fmt(e.get("aten_ops"))]
             cells += [_fmt(_mib(e.get("peak_mem_bytes")), 1),
                       _fmt(ref / e["median_ms"]) if ref else "", e.get("note", "")]
             out.append("| " + " | ".join(cells) + " |")

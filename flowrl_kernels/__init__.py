@@ -6,10 +6,21 @@ env var ``FLOWRL_KERNELS_IMPL`` overrides the default).
 """
 from . import reference
 from ._utils import native_available
+from .token_logprobs import token_logprobs
+from .flowrl_loss import flowrl_loss
+from .grpo_loss import grpo_loss
+from .sequence import group_normalize, importance_weights, masked_mean, seq_log_ratio
 
 __version__ = "0.1.0"
 
 __all__ = [
     "reference",
     "native_available",
+    "token_logprobs",
+    "masked_mean",
+    "seq_log_ratio",
+    "importance_weights",
+    "group_normalize",
+    "flowrl_loss",
+    "grpo_loss",
 ]

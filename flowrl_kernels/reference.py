@@ -57,7 +57,9 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     if not return_entropy:
         return logp
     p = torch.softmax(x, dim=-1)
-    ent = lse - (p * x).sum(-1)
+    # -inf logits (masked vocab entries) have p = 0 and contribute 0 (p log p -> 0), not 0 * -inf = NaN;
+    # the where on x (not on the product) keeps their gradient 0 instead of NaN
+    ent = lse - (p * torch.where(p > 0, x, torch.zeros((), dtype=cd, device=x.device))).sum(-1)
     ent = torch.where(valid, ent, zero)
     return logp, ent
 
@@ -244,7 +246,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     logp, old_logp, mask (and ref_logp) [B, T]; advantages [B] (one per sequence) or [B, T].
     reduction: "token_mean" (sum over valid tokens / number of valid tokens, DAPO-style),
     "seq_mean" (mean over sequences of each sequence's token mean, the original GRPO), "sum", or
-    "none" ([B, T], 0 where masked). Gradient reaches ``logp`` only.
+    "none" ([B, T], 0 where masked). Gradient reaches ``logp`` only. The log-ratio saturates at 88 before
+    exp (ratio <= ~1.65e38, as for importance_weights), so a huge log-ratio never gives a NaN gradient.
     Returns (loss, stats) with stats = {clip_frac, ratio_mean, kl} (token means over valid tokens).
     """
     if reduction not in ("token_mean", "seq_mean", "sum", "none"):
@@ -255,7 +258,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     zero = torch.zeros((), dtype=cd, device=logp.device)
     lp = logp.to(cd)
     log_ratio = torch.where(valid, lp - old_logp.detach().to(cd), zero)
-    ratio = torch.exp(log_ratio)
+    # saturate at exp(88) (float32 max ~ exp(88.7)): an inf ratio on the branch max() does not pick
+    # gives 0 * inf = NaN in the backward (log-ratio 1e4 with A > 0 was a NaN gradient)
+    ratio = torch.exp(log_ratio.clamp(max=_LOG_F32_MAX))
     adv = advantages.detach().to(cd)
     if adv.dim() == 1:
         adv = adv.unsqueeze(-1)
