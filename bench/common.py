@@ -277,8 +277,8 @@ def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[s
     """
     import pytest
 
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not one of {MODES}")
+    if mode not in MODES + ("step",):
+        raise ValueError(f"mode={mode!r} is not one of {MODES + ('step',)}")
     grad = mode != "forward"
     try:
         base = make_inputs(grad)
@@ -298,7 +298,15 @@ def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[s
     def upstream(outs):
         return [torch.randn_like(o) for o in outs]
 
-    if mode == "forward":
+    if mode == "step":  # a whole training step: fn() does its own forward, backward and update
+        def setup():
+            _sync()
+            return (), {}
+
+        def target():
+            provider.fn()
+            _sync()
+    elif mode == "forward":
         def setup():
             inp = leaves()
             _sync()
