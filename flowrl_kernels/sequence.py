@@ -75,7 +75,7 @@ def importance_weights(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.T
     Returns (weights float32, clipped_fraction 0-dim): the fraction of non-empty rows (valid tokens)
     whose raw ratio lay outside [lo, hi].
     Edge cases: L_i = 0 -> w_i = 0; |log-ratio| 1e4 -> w = lo or hi, never inf/0-from-overflow (an
-    unbounded weight saturates at exp(88)); -inf in old_logp at a valid token -> log-ratio +inf -> w = hi;
+    unbounded weight saturates at exp(64)); -inf in old_logp at a valid token -> log-ratio +inf -> w = hi;
     NaN in a valid token -> NaN weight (not counted as clipped).
     impl: "triton" / "native" run the fused FlowRL forward kernel for the sequence levels (one pass, see
     module docstring; allocates 7 float32 [B] vectors); "torch" and level="token" run the reference.

@@ -1,0 +1,572 @@
+"""Fused lm_head -> token log-probs (and entropy) that never materializes the [N, V] logits.
+
+    x      = (hidden @ weight.T + bias) / temperature                      (never stored)
+    logp   = x[label] - logsumexp(x)
+    entropy = -sum_j p_j log p_j,  p = softmax(x)
+
+Spec: ``flowrl_kernels.reference.linear_token_logprobs`` (naive: full logits, then log-softmax).
+
+Forward (Triton): one program owns BLOCK_N tokens x one contiguous range of vocab tiles (a "split").
+For every BLOCK_V tile it computes the logits with ``tl.dot`` (fp32 accumulator, on chip) and folds them
+into four running row statistics: max m, s = sum e^(x-m), u = sum (x-m) e^(x-m) and the target logit.
+The splits give parallelism when N is small (one row block, 151936 vocab: 5+ programs per row block);
+a tiny merge kernel combines the 4 * splits * N partial floats. u is kept relative to the max so the
+entropy log(s) - u/s never subtracts two large numbers (lse - E[x] cancels when |x| ~ 1e3).
+
+Backward: chunked over tokens. For each chunk of C rows a Triton kernel recomputes the logits tiles and
+writes dlogits [C, V] in the input dtype; then cuBLAS does dH[chunk] = dz @ W and dW += dz^T @ h.
+Why not fully fused: FLOPs and bytes at N=8192, H=4096, V=151936, bf16 (H100: ~790 TFLOP/s, 3 TB/s):
+  - chunked (this): 6*N*H*V = 3.06e16 FLOP (recompute + 2 matmuls) ~ 38.7 ms at peak; dz traffic
+    3 * N*V*2 B = 7.5 GB (write once, read by both matmuls) ~ 2.5 ms, i.e. ~6% on top, and both
+    matmuls run at cuBLAS speed.
+  - fused with atomics: every (row block, vocab tile) program adds a [BLOCK_N, H] fp32 slab into dH
+    and a [BLOCK_V, H] slab into dW: N*H*V/128*4 B * 2 ~ 320 GB of atomic traffic (> 100 ms).
+  - fused in two passes (dH pass over V, dW pass over N): recomputes the logits twice,
+    8*N*H*V = 4.08e16 FLOP, 33% more arithmetic than the chunked path.
+The chunked path is exact (no gradient filtering): every dlogit enters both matmuls.
+
+Torch path (``impl="torch"``, the CPU default): the same math chunked over tokens with its own
+autograd.Function; each chunk's fp32 logits stay within ``_TORCH_CHUNK_BYTES`` (64 MiB) and the
+backward recomputes them, so no [N, V] tensor ever exists. Unlike other ops, ``impl="torch"`` here is
+NOT the naive reference (that one stays in reference.py, for tests and benchmarks).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (check_labels_in_range, check_same_device, check_temperature, check_tensor, empty,
+                     resolve_impl, triton_interpret)
+
+# Tiles on the GPU: 128 x 128 logits per program with 64-wide (bf16/fp16) or 32-wide (fp32) H steps.
+# The fp32 accumulator is 128*128*4 B = 64 KiB = 64 registers/thread at 8 warps; 3 pipeline stages of
+# (128 + 128) x 64 bf16 operands are 96 KiB of shared memory (fp32 with 32-wide steps: the same).
+# Arithmetic intensity per tile: 128*128/(128+128) = 64 FLOP per operand byte, served from L2.
+_BLOCK_N = 128
+_BLOCK_N_SMALL = 64  # wgmma's minimum M; used when N <= 64 (decode-sized batches)
+_BLOCK_V = 128
+_NUM_WARPS = 8
+_NUM_STAGES = 3
+# Under TRITON_INTERPRET=1 cost is per op, not per element; tl.dot needs every block dim >= 16.
+# Small vocabs get 64-wide tiles (many tiles per split: the online merge is exercised); large ones
+# 1024-wide (V=131101, N=3: 48 s -> 3 s for forward + backward on a 2-core box).
+_INTERP_BLOCK_N, _INTERP_BLOCK_H = 16, 16
+_INTERP_BLOCK_V, _INTERP_BLOCK_V_LARGE, _INTERP_LARGE_V = 64, 1024, 8192
+# The forward aims for 2 programs per SM (an H100 has 132); the interpreter uses >1 split on tiny
+# inputs so the merge is always exercised by the tests.
+_INTERP_TARGET_PROGRAMS = 4
+_MERGE_BLOCK = 256
+# Backward dlogits workspace per chunk on the GPU: 512 MiB (Qwen V=151936 bf16: 1664 rows), large
+# enough that the per-chunk matmuls (K = 1664 for dW) run near cuBLAS peak.
+_TRITON_CHUNK_BYTES = 512 * 2**20
+# Torch path: each chunk's fp32 logits <= 64 MiB (V=49152: 341 rows). The forward holds 2 such
+# buffers (shifted logits, exp) and the backward 2 (log p, p): <= 128 MiB whatever N is.
+_TORCH_CHUNK_BYTES = 64 * 2**20
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _linear_logprobs_fwd_kernel(
+    # data ptrs
+    h_ptr, w_ptr, b_ptr, labels_ptr, ws_ptr,
+    # shapes
+    N, V, H, n_row_blocks, tiles_per_split,
+    # strides
+    stride_hn, stride_wv,
+    # scalars
+    inv_temp,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+):
+    # 1-D grid (no 65535 limit on any axis): consecutive programs share a split and walk different row
+    # blocks, so they read the same weight tiles at about the same time (L2 hits).
+    pid = tl.program_id(0)
+    pid_n = pid % n_row_blocks
+    split = pid // n_row_blocks
+    n_splits = tl.num_programs(0) // n_row_blocks
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    # int32 compare against int32 columns: an int64 [BLOCK_N, BLOCK_V] compare costs 2 registers per
+    # element, and the 128 x 128 tile already sits at ~250 of the 255 registers (fp16 spilled before)
+    label = tl.load(labels_ptr + rows64, mask=row_ok, other=-1).to(tl.int32)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_v = tl.arange(0, BLOCK_V)
+
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    u = tl.zeros([BLOCK_N], tl.float32)
+    xt = tl.zeros([BLOCK_N], tl.float32)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    for t in range(tile_lo, tile_hi):
+        cols = t * BLOCK_V + offs_v
+        col_ok = cols < V
+        cols64 = cols.to(tl.int64)
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for k in range(0, H, BLOCK_H):
+            ks = k + offs_h
+            k_ok = ks < H
+            a = tl.load(h_ptr + rows64[:, None] * stride_hn + ks[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + cols64[None, :] * stride_wv + ks[:, None],
+                        mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            if UPCAST_OPERANDS:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols64, mask=col_ok, other=0.0)[None, :]
+        x = tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
+        xt += tl.sum(tl.where(cols[None, :] == label[:, None], x, 0.0), axis=1)
+        # every tile has >= 1 valid column, so m_new is finite after the first tile
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        d = x - m_new[:, None]
+        e = tl.exp(d)  # 0 at padded columns
+        alpha = tl.exp(m - m_new)
+        # u is relative to the running max: re-base the old sum, (x - m) = (x - m_new) + (m_new - m)
+        u = alpha * (u + tl.where(s > 0, m - m_new, 0.0) * s) \
+            + tl.sum(tl.where(col_ok[None, :], d, 0.0) * e, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+
+    # workspace [4, n_splits, N] fp32: (m, s, u, x_target)
+    base = split.to(tl.int64) * N + rows64
+    plane = n_splits.to(tl.int64) * N
+    tl.store(ws_ptr + base, m, mask=row_ok)
+    tl.store(ws_ptr + plane + base, s, mask=row_ok)
+    tl.store(ws_ptr + 2 * plane + base, u, mask=row_ok)
+    tl.store(ws_ptr + 3 * plane + base, xt, mask=row_ok)
+
+
+@triton.jit
+def _linear_logprobs_merge_kernel(
+    # data ptrs
+    ws_ptr, labels_ptr, logp_ptr, ent_ptr, lse_ptr,
+    # shapes
+    N, n_splits,
+    # scalars
+    ignore_index,
+    BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < N
+    rows64 = rows.to(tl.int64)
+    plane = n_splits.to(tl.int64) * N
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
+    u = tl.zeros([BLOCK], tl.float32)
+    xt = tl.zeros([BLOCK], tl.float32)
+    base = rows64  # int64 offsets: splits * N may exceed 2^31
+    for _ in range(n_splits):
+        mj = tl.load(ws_ptr + base, mask=ok, other=0.0)
+        sj = tl.load(ws_ptr + plane + base, mask=ok, other=1.0)
+        uj = tl.load(ws_ptr + 2 * plane + base, mask=ok, other=0.0)
+        xt += tl.load(ws_ptr + 3 * plane + base, mask=ok, other=0.0)
+        m_new = tl.maximum(m, mj)
+        a = tl.exp(m - m_new)
+        b = tl.exp(mj - m_new)
+        u = a * (u + tl.where(s > 0, m - m_new, 0.0) * s) + b * (uj + (mj - m_new) * sj)
+        s = a * s + b * sj
+        m = m_new
+        base += N
+    log_s = tl.log(s)
+    lse = m + log_s
+    label = tl.load(labels_ptr + rows64, mask=ok, other=0).to(tl.int64)
+    valid = label != ignore_index
+    tl.store(logp_ptr + rows64, tl.where(valid, xt - lse, 0.0), mask=ok)
+    tl.store(ent_ptr + rows64, tl.where(valid, log_s - u / s, 0.0), mask=ok)
+    tl.store(lse_ptr + rows64, lse, mask=ok)
+
+
+@triton.jit
+def _linear_logprobs_bwd_kernel(
+    # data ptrs
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dz_ptr,
+    # shapes
+    N, V, H, n_row_blocks,
+    # strides
+    stride_hn, stride_wv, stride_dzn,
+    # scalars
+    inv_temp, ignore_index,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+):
+    # dlogits of one [BLOCK_N, BLOCK_V] tile:
+    #   dx_j = g_logp (1[j == y] - p_j) - g_ent p_j (log p_j + H)        (dH/dx_j = -p_j (x_j - E[x]))
+    #   dz_j = dx_j / T                                                   (x = z / T)
+    # Row blocks vary fastest: the chunk's hidden rows stay in L2 while each weight tile is read from
+    # DRAM once per chunk.
+    pid = tl.program_id(0)
+    pid_n = pid % n_row_blocks
+    pid_v = pid // n_row_blocks
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < N
+    col_ok = cols < V
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k in range(0, H, BLOCK_H):
+        ks = k + offs_h
+        k_ok = ks < H
+        a = tl.load(h_ptr + rows64[:, None] * stride_hn + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + cols64[None, :] * stride_wv + ks[:, None],
+                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST_OPERANDS:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols64, mask=col_ok, other=0.0)[None, :]
+
+    label = tl.load(labels_ptr + rows64, mask=row_ok, other=0)
+    valid = row_ok & (label != ignore_index)
+    label = label.to(tl.int32)  # int32 tile compare below (valid labels are < V < 2^31)
+    lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
+    ent = tl.load(ent_ptr + rows64, mask=row_ok, other=0.0)
+    g_lp = tl.where(valid, tl.load(glogp_ptr + rows64, mask=row_ok, other=0.0), 0.0)
+    g_en = tl.where(valid, tl.load(gent_ptr + rows64, mask=row_ok, other=0.0), 0.0)
+
+    logp = acc * inv_temp - lse[:, None]
+    p = tl.exp(logp)
+    dx = -p * (g_lp[:, None] + g_en[:, None] * (logp + ent[:, None]))
+    dx += tl.where(cols[None, :] == label[:, None], g_lp[:, None], 0.0)
+    dz = tl.where(valid[:, None], dx * inv_temp, 0.0)
+    tl.store(dz_ptr + rows64[:, None] * stride_dzn + cols64[None, :], dz.to(dz_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------
+def _tiles(n_rows: int, vocab: int, dtype: torch.dtype):
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) for this device / dtype."""
+    if triton_interpret():
+        block_v = _INTERP_BLOCK_V if vocab <= _INTERP_LARGE_V else _INTERP_BLOCK_V_LARGE
+        return _INTERP_BLOCK_N, block_v, _INTERP_BLOCK_H, 1, 1
+    if dtype == torch.float32:
+        # exact fp32 tl.dot runs on FMA units with a larger register footprint: 128 x 128 spilled
+        # (255 regs + 48 B stack in the sm_90 compile check); 64 x 128 x 32 does not
+        return _BLOCK_N_SMALL, _BLOCK_V, 32, _NUM_WARPS, _NUM_STAGES
+    block_n = _BLOCK_N_SMALL if n_rows <= _BLOCK_N_SMALL else _BLOCK_N
+    return block_n, _BLOCK_V, 64, _NUM_WARPS, _NUM_STAGES
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's own matmul setting (exact fp32 by default, like the reference)
+    if dtype == torch.float32 and not triton_interpret() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    # The interpreter keeps bf16 as raw uint16 and its tl.dot is a plain np.matmul of those bits
+    # (garbage), so bf16 operands are widened first; bf16 -> fp32 is exact and a bf16 x bf16 product is
+    # exact in fp32, so this matches the GPU's tensor-core math. Never set when compiling for a GPU.
+    return triton_interpret() and dtype == torch.bfloat16
+
+
+def _n_splits(n_row_blocks: int, n_tiles: int, device: torch.device):
+    if triton_interpret() or device.type != "cuda":
+        target = _INTERP_TARGET_PROGRAMS
+    else:
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    splits = max(1, min(n_tiles, triton.cdiv(target, n_row_blocks)))
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split  # no empty split
+
+
+def _triton_forward(h2, weight, bias, labels, inv_temp, ignore_index):
+    """-> logp, ent, lse: float32 [N]. Workspace: 4 * splits * N float32."""
+    N, H = h2.shape
+    V = weight.shape[0]
+    dev = h2.device
+    logp = empty((N,), dtype=torch.float32, device=dev)
+    ent = empty((N,), dtype=torch.float32, device=dev)
+    lse = empty((N,), dtype=torch.float32, device=dev)
+    if N == 0:
+        return logp, ent, lse
+    block_n, block_v, block_h, warps, stages = _tiles(N, V, h2.dtype)
+    n_row_blocks = triton.cdiv(N, block_n)
+    n_splits, tiles_per_split = _n_splits(n_row_blocks, triton.cdiv(V, block_v), dev)
+    ws = empty((4, n_splits, N), dtype=torch.float32, device=dev)
+    b = bias if bias is not None else h2  # dummy pointer, never read when HAS_BIAS=False
+    _linear_logprobs_fwd_kernel[(n_row_blocks * n_splits,)](
+        h2, weight, b, labels, ws,
+        N, V, H, n_row_blocks, tiles_per_split,
+        h2.stride(0), weight.stride(0),
+        inv_temp,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
+        DOT_PRECISION=_dot_precision(h2.dtype), UPCAST_OPERANDS=_upcast(h2.dtype),
+        num_warps=warps, num_stages=stages,
+    )
+    _linear_logprobs_merge_kernel[(triton.cdiv(N, _MERGE_BLOCK),)](
+        ws, labels, logp, ent, lse, N, n_splits, ignore_index, BLOCK=_MERGE_BLOCK,
+    )
+    return logp, ent, lse
+
+
+def _triton_dlogits(h, weight, bias, labels, lse, ent, g_logp, g_ent, inv_temp, ignore_index, dz):
+    """dz[:n] <- dlogits of rows h[:n] (dz: [>= n, V] in the input dtype)."""
+    n, H = h.shape
+    V = weight.shape[0]
+    block_n, block_v, block_h, warps, stages = _tiles(n, V, h.dtype)
+    n_row_blocks = triton.cdiv(n, block_n)
+    b = bias if bias is not None else h
+    _linear_logprobs_bwd_kernel[(n_row_blocks * triton.cdiv(V, block_v),)](
+        h, weight, b, labels, lse, ent, g_logp, g_ent, dz,
+        n, V, H, n_row_blocks,
+        h.stride(0), weight.stride(0), dz.stride(0),
+        inv_temp, ignore_index,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
+        DOT_PRECISION=_dot_precision(h.dtype), UPCAST_OPERANDS=_upcast(h.dtype),
+        num_warps=warps, num_stages=stages,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch (chunked) path: same math, per chunk of rows
+# ----------------------------------------------------------------------------------------------------
+def _torch_mm_operands(h2, weight, bias, cd):
+    # CPU has no bf16 x bf16 -> fp32 matmul, so low-precision weights are upcast once (V * H * 4 B);
+    # the logits themselves must be fp32 (a bf16 logit is off by up to 0.4% of its value).
+    w = weight if weight.dtype == cd else weight.to(cd)
+    b = None if bias is None else bias.to(cd)
+    return w, b
+
+
+def _torch_logits(h_c, w, b, inv_temp, cd):
+    x = torch.mm(h_c.to(cd), w.t()) if b is None else torch.addmm(b, h_c.to(cd), w.t())
+    return x.mul_(inv_temp)
+
+
+def _torch_forward(h2, weight, bias, labels, inv_temp, ignore_index, chunk, cd):
+    N = h2.shape[0]
+    w, b = _torch_mm_operands(h2, weight, bias, cd)
+    logp = torch.empty(N, dtype=cd, device=h2.device)
+    ent = torch.empty_like(logp)
+    lse = torch.empty_like(logp)
+    for r0 in range(0, N, chunk):
+        r1 = min(N, r0 + chunk)
+        x = _torch_logits(h2[r0:r1], w, b, inv_temp, cd)          # [C, V], buffer 1
+        m = x.amax(dim=1, keepdim=True)
+        x.sub_(m)                                                   # x - m <= 0
+        lab = labels[r0:r1]
+        valid = lab != ignore_index
+        xt = x.gather(1, torch.where(valid, lab, 0).long().unsqueeze(1)).squeeze(1)
+        e = torch.exp(x)                                            # buffer 2
+        s = e.sum(1)
+        u = x.mul_(e).sum(1)                                        # sum (x - m) e^(x - m)
+        del x, e
+        log_s = torch.log(s)
+        zero = torch.zeros((), dtype=cd, device=h2.device)
+        logp[r0:r1] = torch.where(valid, xt - log_s, zero)
+        ent[r0:r1] = torch.where(valid, log_s - u / s, zero)
+        lse[r0:r1] = m.squeeze(1) + log_s
+    return logp, ent, lse
+
+
+def _torch_dlogits(h_c, w, b, labels, lse, ent, g_logp, g_ent, inv_temp, ignore_index, cd):
+    """fp32 dlogits [C, V] of one chunk (2 buffers of [C, V] alive at the peak)."""
+    valid = labels != ignore_index
+    g_lp = torch.where(valid, g_logp.to(cd), 0.0)
+    g_en = torch.where(valid, g_ent.to(cd), 0.0)
+    dz = _torch_logits(h_c, w, b, inv_temp, cd).sub_(lse.unsqueeze(1))     # log p
+    p = torch.exp(dz)
+    # -p (g_lp + g_en (log p + H)), built in place in the log-p buffer
+    dz.add_(ent.unsqueeze(1)).mul_(g_en.unsqueeze(1)).add_(g_lp.unsqueeze(1)).mul_(p).neg_()
+    del p
+    dz.scatter_add_(1, torch.where(valid, labels, 0).long().unsqueeze(1), g_lp.unsqueeze(1))
+    return dz.mul_(inv_temp)
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------------
+class LinearTokenLogprobsFunction(torch.autograd.Function):
+    """hidden [N, H], weight [V, H], bias [V] | None, labels [N] -> (logp [N], entropy [N]).
+
+    Saves hidden, weight, bias, labels and 2 * N floats (lse, entropy); the backward recomputes the
+    logits chunk by chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, impl, chunk):
+        inv_temp = 1.0 / temperature
+        if impl == "triton":
+            cd = torch.float32
+            logp, ent, lse = _triton_forward(hidden, weight, bias, labels, inv_temp, ignore_index)
+        else:
+            cd = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+            logp, ent, lse = _torch_forward(hidden, weight, bias, labels, inv_temp, ignore_index, chunk, cd)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
+        ctx.cfg = (inv_temp, ignore_index, impl, chunk, cd)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+        inv_temp, ignore_index, impl, chunk, cd = ctx.cfg
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        N, H = hidden.shape
+        V = weight.shape[0]
+        dev = hidden.device
+        g_logp = g_logp.to(torch.float32 if impl == "triton" else cd).contiguous()
+        g_ent = g_ent.to(g_logp.dtype).contiguous()
+
+        dH = torch.empty((N, H), dtype=hidden.dtype, device=dev) if need_h else None
+        if impl == "triton":
+            # dz in the input dtype feeds cuBLAS directly (fp32 accumulation inside each matmul).
+            w_mm, b_k, mm_dtype = weight, bias, hidden.dtype
+            dz_buf = empty((min(chunk, N), V), dtype=mm_dtype, device=dev)  # NaN-poisoned in tests
+        else:
+            w_mm, b_k = _torch_mm_operands(hidden, weight, bias, cd)
+            mm_dtype = cd
+        # dW accumulates across chunks: in fp32 on the torch path; on the Triton path in the weight
+        # dtype (cuBLAS addmm accumulates each chunk in fp32 and rounds the running sum once per chunk:
+        # ceil(N / chunk) roundings, 1 when N <= chunk, as in torch's own lm_head backward).
+        dW = None
+        if need_w:
+            dW = torch.zeros((V, H), dtype=mm_dtype, device=dev)
+        db = torch.zeros(V, dtype=cd, device=dev) if need_b else None  # fp32 (fp64 for fp64 inputs)
+
+        for r0 in range(0, N, chunk):
+            r1 = min(N, r0 + chunk)
+            h_c = hidden[r0:r1]
+            if impl == "triton":
+                dz = dz_buf[: r1 - r0]
+                _triton_dlogits(h_c, weight, b_k, labels[r0:r1], lse[r0:r1], ent[r0:r1],
+                                g_logp[r0:r1], g_ent[r0:r1], inv_temp, ignore_index, dz)
+            else:
+                dz = _torch_dlogits(h_c, w_mm, b_k, labels[r0:r1], lse[r0:r1], ent[r0:r1],
+                                    g_logp[r0:r1], g_ent[r0:r1], inv_temp, ignore_index, cd)
+            if need_h:
+                if dz.dtype == hidden.dtype:
+                    torch.mm(dz, w_mm, out=dH[r0:r1])
+                else:
+                    dH[r0:r1] = torch.mm(dz, w_mm)
+            if need_w:
+                dW.addmm_(dz.t(), h_c if h_c.dtype == mm_dtype else h_c.to(mm_dtype))
+            if need_b:
+                db += dz.sum(0, dtype=db.dtype)
+            del dz
+        if dW is not None and dW.dtype != weight.dtype:
+            dW = dW.to(weight.dtype)
+        if db is not None:
+            db = db.to(bias.dtype)
+        return dH, dW, db, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# public op
+# ----------------------------------------------------------------------------------------------------
+def _check_args(hidden, weight, labels, bias):
+    check_tensor("hidden", hidden, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                 min_ndim=1)
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("labels", labels, dtypes=(torch.int32, torch.int64))
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight has dtype {weight.dtype} but hidden has {hidden.dtype}; they must match "
+                         "(cast one with .to(...)).")
+    H = hidden.shape[-1]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must be [V, H] with H = hidden.shape[-1] = {H}, got shape "
+                         f"{tuple(weight.shape)}; pass the lm_head weight as stored ([vocab, hidden]).")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has 0 rows (empty vocab); V must be >= 1.")
+    if H == 0:
+        raise ValueError(f"hidden has an empty last dim, shape {tuple(hidden.shape)}; H must be >= 1.")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)} but must equal hidden.shape[:-1] = "
+                         f"{tuple(hidden.shape[:-1])}.")
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name}'s last (hidden) dim has stride {t.stride(-1)}; it must be contiguous "
+                             f"(stride 1). Other dims may be strided; call {name}.contiguous() if it came "
+                             "from a transpose.")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                     ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must be [V] = [{weight.shape[0]}] (weight.shape[0]), got "
+                             f"{tuple(bias.shape)}.")
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                          bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                          return_entropy: bool = False, ignore_index: int = -100,
+                          impl: Optional[str] = None, chunk_size: Optional[int] = None,
+                          validate: bool = False):
+    """Token log-probs (and entropy) of ``hidden @ weight.T + bias`` without materializing the logits.
+
+    logp[...] = log softmax((hidden @ weight.T + bias) / temperature)[..., labels]
+    entropy[...] = H(softmax((hidden @ weight.T + bias) / temperature))
+
+    Args:
+        hidden: [..., H] float16 / bfloat16 / float32 (float64: impl="torch" only); last dim stride 1,
+            other dims may be strided (a non-viewable [..., H] is reshaped with a copy of N * H elements).
+        weight: [V, H], same dtype as hidden, row stride free, last dim stride 1 (an lm_head's weight).
+        labels: [...] int32 / int64. Positions equal to ``ignore_index`` give 0 and get no gradient.
+        bias: optional [V] (any float dtype; used in fp32).
+        temperature: runtime float > 0 (no recompilation per value); applied to logp and entropy.
+        return_entropy: also return the entropy.
+        impl: None (Triton on CUDA, else the chunked torch path), "triton", or "torch" (chunked torch
+            path, NOT the naive reference, which is ``flowrl_kernels.reference.linear_token_logprobs``).
+        chunk_size: rows per chunk of the backward (and of the torch forward). Default: the torch path
+            keeps one chunk's fp32 logits within 64 MiB (rows = 64 MiB / (4 V)); the Triton path keeps
+            its dlogits workspace within 512 MiB (rows = 512 MiB / (V * itemsize), multiple of 128).
+        validate: check every label is in [0, V) or ignore_index even on CUDA (a device sync). CPU
+            labels are always checked.
+
+    Returns:
+        logp float32 [...] (float64 for float64 inputs), and entropy float32 [...] when
+        ``return_entropy``. Differentiable w.r.t. hidden, weight and bias with any upstream gradient
+        for both outputs.
+
+    Memory (N tokens), beyond inputs, outputs and gradients:
+        Triton forward: 4 * splits * N + 2 * N float32 (splits <= ~2 * SMs / row blocks; saved lse,
+        entropy). Triton backward: one dlogits chunk of chunk_size * V * itemsize bytes (bounded, 512 MiB
+        by default) + V float32 for the bias grad. Exact: every dlogit enters the matmuls (no filtering).
+        Torch path: 2 chunks of chunk_size * V fp32 (<= 128 MiB by default) in forward and backward;
+        bf16/fp16 weights are upcast once (V * H * 4 B) and dW accumulates in fp32 (V * H * 4 B),
+        because CPU matmuls have no bf16 -> fp32 mode.
+    """
+    _check_args(hidden, weight, labels, bias)
+    dev = check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    temperature = check_temperature(temperature)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}.")
+    impl = resolve_impl(impl, dev)
+    if impl == "triton" and hidden.dtype == torch.float64:
+        raise ValueError("impl='triton' supports float16, bfloat16 and float32 inputs; got float64. "
+                         "Use impl='torch' or cast hidden and weight.")
+    V, H = weight.shape
+    check_labels_in_range(labels, V, ignore_index, validate=validate)
+
+    out_shape = hidden.shape[:-1]
+    h2 = hidden.reshape(-1, H)
+    lab = labels.reshape(-1).contiguous()  # N ints; the kernels read labels with stride 1
+    N = h2.shape[0]
+    if chunk_size is None:
+        if impl == "triton":
+            rows = _TRITON_CHUNK_BYTES // (V * h2.element_size())
+            chunk_size = max(_BLOCK_N, rows // _BLOCK_N * _BLOCK_N)
+        else:
+            chunk_size = max(1, _TORCH_CHUNK_BYTES // (V * 4))
+    chunk_size = max(1, min(chunk_size, N))
+    if impl == "triton" and bias is not None:
+        bias = bias.float()  # [V]: the kernels read fp32; autograd casts the grad back
+    logp, ent = LinearTokenLogprobsFunction.apply(h2, weight, bias, lab, temperature, ignore_index,
+                                                  impl, chunk_size)
+    logp = logp.view(out_shape)
+    if return_entropy:
+        return logp, ent.view(out_shape)
+    return logp
