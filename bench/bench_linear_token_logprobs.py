@@ -6,7 +6,9 @@ time; an unfused path does 4*N*H*V in its backward (it keeps the logits) but wri
 [N, V] fp32 logits several times, which is what peak memory shows.
 
 Providers ("+H" = also returns the entropy, with its gradient):
-  triton, triton+H, native, native+H, torch   flowrl_kernels.linear_token_logprobs(impl=...)
+  triton(+H), native(+H), torch(+H)           flowrl_kernels.linear_token_logprobs(impl=...); "torch" is
+                                              its own chunked autograd path (no [N, V] tensor), not the
+                                              reference
   reference, reference+H                      flowrl_kernels.reference.linear_token_logprobs (the spec:
                                               upcasts hidden and weight, fp32 matmul, fp32 logits)
   lm_head                                     what a model does: logits = hidden @ weight.T in the input
@@ -28,14 +30,19 @@ from bench.common import (DEVICE, DTYPE, MODELS, ON_GPU, Provider, Shape, Unavai
 # GPU: 8192 tokens. CPU: fp32 matmuls run at ~0.1-0.2 TFLOP/s on 2 cores, so a full step at N=16,
 # V=152064 (8NHV = 70 GFLOP) already takes ~0.5 s; the suite must stay under 10 minutes.
 N0 = int(os.environ.get("FLOWRL_BENCH_LINEAR_N", 8192 if ON_GPU else 16))
-# peak memory vs N on the largest vocab; full mode only
-SWEEP_MODEL = "qwen2.5-7b"
+# Peak memory vs N, full mode only. GPU: the largest vocab around N0. CPU: SmolLM2 (the model the CPU
+# trainer runs) at N where the chunked torch path (64 MiB of fp32 logits = 341 rows per chunk) has
+# 1, 2 and 3 chunks (N = 128, 384, 768) while the reference's [N, V] fp32 tensors keep growing (folded from the linear
+# helper's bench_linear_token_logprobs_memory.py, which measured N=4096: chunked <= 10% of naive).
 SHAPES = [Shape(m, N0, h, v) for m, (h, v) in MODELS.items()]
-SHAPES += [Shape(SWEEP_MODEL, n, *MODELS[SWEEP_MODEL], modes=("full",)) for n in (N0 // 2, N0 * 2)]
+if ON_GPU:
+    SHAPES += [Shape("qwen2.5-7b", n, *MODELS["qwen2.5-7b"], modes=("full",)) for n in (N0 // 2, N0 * 2)]
+else:
+    SHAPES += [Shape("smollm2-135m", n, *MODELS["smollm2-135m"], modes=("full",)) for n in (128, 384, 768)]
 TEMPERATURE = 1.0
 IGNORE = -100
-PROVIDERS = ["triton", "triton+H", "native", "native+H", "torch", "reference", "reference+H", "lm_head", "compile",
-             "liger", "cce"]
+PROVIDERS = ["triton", "triton+H", "native", "native+H", "torch", "torch+H", "reference", "reference+H", "lm_head",
+             "compile", "liger", "cce"]
 
 
 def provider(name: str) -> Provider:

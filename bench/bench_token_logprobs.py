@@ -17,12 +17,16 @@ import pytest
 import torch
 
 from bench import peers
-from bench.common import (DEVICE, DTYPE, ON_GPU, Provider, Unavailable, cases, compiled, fk_op, labels_for,
-                          logits_shapes, run_case)
+from bench.common import (DEVICE, DTYPE, MODELS, ON_GPU, Provider, Shape, Unavailable, cases, compiled, fk_op,
+                          labels_for, logits_shapes, run_case)
 
 # N = tokens per micro-batch: 8192 is the PEERS.md anchor (H100, bf16); CPU sizes keep the suite short.
 N0 = int(os.environ.get("FLOWRL_BENCH_N", 8192 if ON_GPU else 128))
 SHAPES = logits_shapes(N0, (N0 // 2, N0, N0 * 2))
+if not ON_GPU:
+    # bf16 logits on the CPU (a bf16 model's lm_head output): half the bytes, but the reference upcasts
+    # them to fp32 first (folded from the native helper's bench_native_token_logprobs.py, bf16 V=151936)
+    SHAPES.append(Shape("qwen2.5-7b", N0, *MODELS["qwen2.5-7b"], modes=("forward", "full"), dtype=torch.bfloat16))
 TEMPERATURE = 1.0  # the peers without a temperature argument (Liger) are only exact at T = 1
 IGNORE = -100
 PROVIDERS = ["triton", "triton+H", "native", "native+H", "torch", "reference", "reference+H", "compile",
@@ -73,15 +77,17 @@ def test_token_logprobs(benchmark, shape, mode, prov):
     except Unavailable as e:
         pytest.skip(str(e))
     N, V = shape.N, shape.V
-    s = DTYPE.itemsize
+    dtype = shape.dtype or DTYPE
+    s = dtype.itemsize
     benchmark.group = f"token_logprobs {shape.id} V{V} {mode}"
 
     def make_inputs(requires_grad):
         # randn * 2: a spread of logits like a trained model's (max softmax prob ~0.01-0.5), never zeros
-        logits = (torch.randn(N, V, device=DEVICE, dtype=torch.float32) * 2).to(DTYPE)
+        logits = (torch.randn(N, V, device=DEVICE, dtype=torch.float32) * 2).to(dtype)
         return {"logits": logits.requires_grad_(requires_grad), "labels": labels_for(N, V, ignore_index=IGNORE)}
 
     run_case(benchmark, p, make_inputs, mode,
-             info={"op": "token_logprobs", "provider": prov, "model": shape.model, "N": N, "V": V},
+             info={"op": "token_logprobs", "provider": prov, "model": shape.model, "N": N, "V": V,
+                   "dtype": str(dtype).replace("torch.", "")},
              bytes_moved={"forward": N * V * s, "backward": 2 * N * V * s, "full": 3 * N * V * s})
 

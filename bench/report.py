@@ -55,7 +55,12 @@ def _mib(b):
     return None if b is None else b / 2**20
 
 
-def _shape(e):
+def _shape(e, run_dtype=None):
+    dt = f" {e['dtype']}" if run_dtype and e.get("dtype") and e["dtype"] != run_dtype else ""
+    return _shape0(e) + dt
+
+
+def _shape0(e):
     if e["op"] == "flowrl_loss":
         return e["model"]
     if e["op"] == "linear_token_logprobs":
@@ -66,10 +71,15 @@ def _shape(e):
 
 
 def _groups(rows, op):
+    # the run's dtype = the most common one; other dtypes are named in the shape
+    counts = defaultdict(int)
+    for e in rows:
+        counts[e.get("dtype")] += 1
+    run_dtype = max(counts, key=counts.get) if counts else None
     g = OrderedDict()
     for e in rows:
         if e["op"] == op:
-            g.setdefault((_shape(e), e.get("mode", "full")), []).append(e)
+            g.setdefault((_shape(e, run_dtype), e.get("mode", "full")), []).append(e)
     order = {m: i for i, m in enumerate(MODES)}
     return sorted(g.items(), key=lambda kv: (kv[1][0].get("V", 0), kv[1][0].get("N", 0), order.get(kv[0][1], 9)))
 
@@ -83,7 +93,8 @@ def op_table(rows, op):
     ops = any(e.get("aten_ops") is not None for e in rows if e["op"] == op)
     if ops:
         hdr += ["ATen ops"]
-    hdr += ["peak MiB", "x ref", "note"]
+    rss = any(e.get("peak_rss_bytes") is not None for e in rows if e["op"] == op)
+    hdr += ["peak MiB"] + (["RSS MiB"] if rss else []) + ["x ref", "note"]
     out = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for (shape, mode), es in _groups(rows, op):
         ref = next((e["median_ms"] for e in es if e["provider"] == "reference"), None)
@@ -96,8 +107,10 @@ def op_table(rows, op):
                 cells += [_fmt(e.get("TFLOPs"), 3), _fmt(e.get("pct_matmul"), 1)]
             if ops:
                 cells += [_fmt(e.get("aten_ops"))]
-            cells += [_fmt(_mib(e.get("peak_mem_bytes")), 1),
-                      _fmt(ref / e["median_ms"]) if ref else "", e.get("note", "")]
+            cells += [_fmt(_mib(e.get("peak_mem_bytes")), 1)]
+            if rss:
+                cells += [_fmt(_mib(e.get("peak_rss_bytes")), 1)]
+            cells += [_fmt(ref / e["median_ms"]) if ref else "", e.get("note", "")]
             out.append("| " + " | ".join(cells) + " |")
             first = False
     return "\n".join(out)
@@ -125,11 +138,14 @@ def chart(rows, mi, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
-    tlp = [e for e in rows if e["op"] == "token_logprobs"]
-    lin = [e for e in rows if e["op"] == "linear_token_logprobs"]
+    dt = mi.get("dtype")
+    tlp = [e for e in rows if e["op"] == "token_logprobs" and (not dt or e.get("dtype") == dt)]
+    lin = [e for e in rows if e["op"] == "linear_token_logprobs" and (not dt or e.get("dtype") == dt)]
     provs = sorted({e["provider"] for e in tlp + lin})
-    cmap = plt.get_cmap("tab20")
-    color = {p: cmap(i % 20) for i, p in enumerate(provs)}
+    # one color per implementation, dashed when it also returns the entropy ("+H")
+    bases = sorted({p.removesuffix("+H") for p in provs})
+    cmap = plt.get_cmap("tab10")
+    color = {p: cmap(bases.index(p.removesuffix("+H")) % 10) for p in provs}
 
     def lines(ax, es, x, y, xlabel, ylabel, title, logx=False, logy=False, hline=None):
         by = defaultdict(list)
@@ -138,7 +154,8 @@ def chart(rows, mi, path):
                 by[e["provider"]].append((e[x], e[y]))
         for p, pts in sorted(by.items()):
             pts.sort()
-            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=p, color=color.get(p))
+            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=p, color=color.get(p),
+                    ls="--" if p.endswith("+H") else "-")
         if hline:
             ax.axhline(hline[0], ls="--", color="k", lw=1)
             ax.text(ax.get_xlim()[0], hline[0], " " + hline[1], va="bottom", fontsize=8)
@@ -162,7 +179,7 @@ def chart(rows, mi, path):
     for ax, mode in zip(axes[0], MODES):
         es = [e for e in tlp if e["N"] == n0 and e["mode"] == mode]
         lines(ax, es, "V", "GBps", "vocab V", "GB/s (byte floor / time)", f"token_logprobs {mode}, N={n0}",
-              hline=(bw, f"copy {bw:.0f} GB/s") if bw else None)
+              hline=(bw, f"copy {_fmt(bw)} GB/s") if bw else None)
     # peak memory vs N (full mode, the swept model)
     for ax, es, title in ((axes[1][0], tlp, "token_logprobs"), (axes[1][1], lin, "linear_token_logprobs")):
         full = [e for e in es if e["mode"] == "full"]
@@ -181,7 +198,7 @@ def chart(rows, mi, path):
     mm = mi.get("matmul_TFLOPs")
     lines(axes[1][2], [e for e in lin if e["N"] == n1 and e["mode"] == "full"], "V", "TFLOPs", "vocab V",
           "TFLOP/s (8NHV / time)", f"linear_token_logprobs full, N={n1}",
-          hline=(mm, f"matmul {mm:.1f} TFLOP/s") if mm else None)
+          hline=(mm, f"{mi.get('matmul_dtype', '')} matmul {_fmt(mm, 3)} TFLOP/s") if mm else None)
     fig.suptitle(f"{mi.get('device', '?')} ({mi.get('dtype', '?')}), {mi.get('date', '?')}, commit {mi.get('commit', '?')}")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -233,7 +250,9 @@ How to read it (details in bench/common.py and each bench file's docstring):
   so it compares times; % matmul is against the measured matmul rate of the card.
 - peak MiB: the most memory the call had allocated above what was live before it (its inputs; for
   backward mode, the saved forward state too). GPU: torch.cuda.max_memory_allocated. CPU: the torch
-  profiler's allocator events (exact, not sampled; counts memory allocated through torch).
+  profiler's allocator events (exact, not sampled; counts memory allocated through torch). RSS MiB
+  (CPU): Linux's peak-RSS high-water mark of the same call, reset just before it (counts scratch
+  outside torch too, but misses memory glibc reuses from its heap, so small values can read ~0).
 - x ref: speed-up over `flowrl_kernels.reference` at the same shape and mode.
 - Peers that compute a loss (Liger, flash-attn, CCE) run with reduction="none" and return -logp only:
   no entropy, so they do less work than the "+H" providers. Liger and CCE compute gradients during
