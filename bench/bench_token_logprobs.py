@@ -51,12 +51,14 @@ def provider(name: str) -> Provider:
                         skip_on_error=True)
     if name == "trl":
         f = peers.trl_selective_log_softmax()
-        # TRL has no ignore_index: it gathers at any label, so ignored rows are passed as label 0
-        return Provider(lambda logits, labels: f(logits, labels.clamp(min=0), temperature=TEMPERATURE),
+        # TRL has no ignore_index: ignored rows go in as label 0 with row_mask = 0 (its own way)
+        return Provider(lambda logits, labels: f(logits, labels.clamp(min=0), temperature=TEMPERATURE,
+                                                 row_mask=labels != IGNORE),
                         note="logp only", skip_on_error=True)
     if name == "trl+H":
         f = peers.trl_logprob_entropy()
-        return Provider(lambda logits, labels: f(logits, labels.clamp(min=0), temperature=TEMPERATURE),
+        return Provider(lambda logits, labels: f(logits, labels.clamp(min=0), temperature=TEMPERATURE,
+                                                 row_mask=labels != IGNORE),
                         skip_on_error=True)
     if name == "liger":
         f = peers.liger_cross_entropy()

@@ -12,6 +12,10 @@ if torch.cuda.is_available():
     # must happen before flowrl_kernels (triton.jit) is imported: benchmarks time compiled kernels only
     os.environ.pop("TRITON_INTERPRET", None)
 
+if os.environ.get("FLOWRL_BENCH_THREADS"):
+    # e.g. 1 on a CPU box shared with other jobs: OpenMP barriers stall when a thread is descheduled
+    torch.set_num_threads(int(os.environ["FLOWRL_BENCH_THREADS"]))
+
 import pytest  # noqa: E402
 
 from bench import common  # noqa: E402

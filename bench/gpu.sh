@@ -22,7 +22,7 @@ T0=$(date +%s)
 log() { echo "[gpu.sh +$(( $(date +%s) - T0 ))s] $*"; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" || exit 1
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE: CPU sizes')" || exit 1
 
 # 1. peers (no network on the device machine: wheels travel in .peers/)
 if [ -d .peers ]; then
@@ -51,14 +51,14 @@ c = ceilings()
 import sys
 print(f"export FLOWRL_BENCH_COPY_GBPS={c['copy_GBps']:.1f} FLOWRL_BENCH_MATMUL_TFLOPS={c['matmul_TFLOPs']:.1f}")
 m = machine()
-print(f"# {m['device']}: copy {c['copy_GBps']:.0f} GB/s (2 GiB D2D, read+write), bf16 matmul 8192^3 "
-      f"{c['matmul_TFLOPs']:.0f} TFLOP/s", file=sys.stderr)
+print(f"# {m['device']}: copy {c['copy_GBps']:.0f} GB/s (read+write), {c['matmul_dtype']} matmul "
+      f"{c['matmul_TFLOPs']:.1f} TFLOP/s", file=sys.stderr)
 PY
 source /tmp/ceilings.env
-log "ceilings: copy ${FLOWRL_BENCH_COPY_GBPS} GB/s, bf16 matmul ${FLOWRL_BENCH_MATMUL_TFLOPS} TFLOP/s"
+log "ceilings: copy ${FLOWRL_BENCH_COPY_GBPS} GB/s, matmul ${FLOWRL_BENCH_MATMUL_TFLOPS} TFLOP/s"
 
 # 3. the suite, one file at a time (seconds of limit each; the whole call must stay under 9 minutes)
-CARD=$($PY -c "import torch,re; print(re.sub('[^a-z0-9]+','-',torch.cuda.get_device_name().lower()).strip('-'))")
+CARD=$($PY -c "import torch,re; print(re.sub('[^a-z0-9]+','-',torch.cuda.get_device_name().lower()).strip('-') if torch.cuda.is_available() else 'cpu')")
 STAMP=$(date -u +%Y%m%d-%H%M)
 PARTS=()
 for spec in token_logprobs:200 linear_token_logprobs:170 flowrl_loss:45 train_step:60; do
