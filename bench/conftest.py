@@ -12,9 +12,18 @@ if torch.cuda.is_available():
     # must happen before flowrl_kernels (triton.jit) is imported: benchmarks time compiled kernels only
     os.environ.pop("TRITON_INTERPRET", None)
 
+# CPU threads. On a box already busy with other jobs (load average >= cores), torch's OpenMP regions
+# stall at every barrier until the descheduled thread runs again: measured here at load ~4 on 2 cores,
+# TRL's row loop went from 0.9 ms (1 thread) to 520 ms (2 threads) and the reference from 0.96 to 68 ms.
+# So a busy machine is measured on 1 thread (said in the JSON); FLOWRL_BENCH_THREADS overrides.
+_THREADS_NOTE = ""
 if os.environ.get("FLOWRL_BENCH_THREADS"):
-    # e.g. 1 on a CPU box shared with other jobs: OpenMP barriers stall when a thread is descheduled
     torch.set_num_threads(int(os.environ["FLOWRL_BENCH_THREADS"]))
+    _THREADS_NOTE = "set by FLOWRL_BENCH_THREADS"
+elif not torch.cuda.is_available() and os.getloadavg()[0] >= (os.cpu_count() or 1):
+    torch.set_num_threads(1)
+    _THREADS_NOTE = (f"1 thread: load average {os.getloadavg()[0]:.1f} >= {os.cpu_count()} cores at start "
+                     "(OpenMP barriers stall on a busy machine)")
 
 import pytest  # noqa: E402
 
@@ -45,6 +54,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     info["loadavg_start"] = _LOAD["start"]
     info["loadavg_end"] = os.getloadavg()
     info["skipped"] = dict(_SKIPPED)
+    info["torch_threads"] = torch.get_num_threads()
+    if _THREADS_NOTE:
+        info["threads_note"] = _THREADS_NOTE
     machine_info["flowrl_bench"] = info
 
 

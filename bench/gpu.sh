@@ -2,7 +2,7 @@
 # The full-size benchmark suite on a lent H100 / H200, in one call (< 9 minutes):
 #   1. install the peers carried in .peers/ (bench/fetch_peers.sh, run beforehand on a machine with network)
 #   2. measure the card: device-to-device copy bandwidth (bytes read + written) and bf16 matmul 8192^3
-#   3. run each bench file with its own time limit and JSON (a file that overruns loses only itself)
+#   3. run each bench file, one mode at a time, with its own time limit and JSON (an overrun loses one part)
 #   4. merge the JSON, print a compact table
 # From the repository root (the checkout the device call sends):
 #   bash bench/fetch_peers.sh                       # here, once: ~10 MB into .peers/ (git-ignored)
@@ -57,25 +57,32 @@ PY
 source /tmp/ceilings.env
 log "ceilings: copy ${FLOWRL_BENCH_COPY_GBPS} GB/s, matmul ${FLOWRL_BENCH_MATMUL_TFLOPS} TFLOP/s"
 
-# 3. the suite, one file at a time (seconds of limit each; the whole call must stay under 9 minutes)
+# 3. the suite in parts (bench file x mode filter), each with its own time limit and JSON: a part that
+#    overruns loses only itself. Seconds of limit; the whole call must stay under 9 minutes.
 CARD=$($PY -c "import torch,re; print(re.sub('[^a-z0-9]+','-',torch.cuda.get_device_name().lower()).strip('-') if torch.cuda.is_available() else 'cpu')")
 STAMP=$(date -u +%Y%m%d-%H%M)
 PARTS=()
-for spec in token_logprobs:200 linear_token_logprobs:170 flowrl_loss:45 train_step:60; do
-  f=${spec%%:*}; lim=${spec##*:}
+i=0
+for spec in token_logprobs:forward:60 token_logprobs:backward:60 token_logprobs:full:80 \
+            linear_token_logprobs:forward:60 linear_token_logprobs:backward:70 linear_token_logprobs:full:90 \
+            flowrl_loss::45 train_step::45; do
+  IFS=: read -r f k lim <<<"$spec"
+  i=$((i + 1))
   [ -f "bench/bench_$f.py" ] || { log "bench/bench_$f.py absent, skipped"; continue; }
-  left=$(( 520 - ($(date +%s) - T0) ))
+  left=$(( 500 - ($(date +%s) - T0) ))
   (( lim > left )) && lim=$left
-  (( lim < 20 )) && { log "no time left for $f"; continue; }
-  log "bench_$f.py (limit ${lim}s)"
+  (( lim < 15 )) && { log "no time left for $f $k"; continue; }
+  filt=$k
+  [ -n "${BENCH_K:-}" ] && filt="${k:+$k and }($BENCH_K)"
+  log "bench_$f.py ${k:-all modes} (limit ${lim}s)"
   timeout -k 5 "$lim" $PY -m pytest "bench/bench_$f.py" --benchmark-only -q -p no:cacheprovider \
-      ${BENCH_K:+-k "$BENCH_K"} --benchmark-json="/tmp/part-$f.json" --benchmark-columns=median,iqr,rounds \
-      >"/tmp/part-$f.log" 2>&1
+      ${filt:+-k "$filt"} --benchmark-json="/tmp/part-$i.json" --benchmark-columns=median,iqr,rounds \
+      >"/tmp/part-$i.log" 2>&1
   rc=$?
-  tail -n 4 "/tmp/part-$f.log"
-  (( rc == 124 )) && log "bench_$f.py ran past ${lim}s: its results are lost (lower FLOWRL_BENCH_BUDGET_S or sizes)"
-  [ -f "/tmp/part-$f.json" ] && PARTS+=("/tmp/part-$f.json")
-  cat "/tmp/part-$f.log" >> "$OUT/bench.log"
+  tail -n 3 "/tmp/part-$i.log"
+  (( rc == 124 || rc == 137 )) && log "bench_$f.py $k ran past ${lim}s: that part's results are lost"
+  [ -f "/tmp/part-$i.json" ] && PARTS+=("/tmp/part-$i.json")
+  cat "/tmp/part-$i.log" >> "$OUT/bench.log"
 done
 
 # 4. one JSON for this run, and the compact table

@@ -217,6 +217,8 @@ def section(path, png_dir, rel_to):
              f"threads on {mi.get('cpu_count')} CPUs",
              f"- measured ceilings: copy {_fmt(mi.get('copy_GBps'))} GB/s (read + write), "
              f"{mi.get('matmul_dtype', '')} matmul {_fmt(mi.get('matmul_TFLOPs'), 3)} TFLOP/s"]
+    if mi.get("threads_note"):
+        lines.append(f"- threads: {mi['threads_note']}")
     if mi.get("device_type") == "cpu" and mi.get("loadavg_start"):
         lines.append(f"- load average at start / end: {mi['loadavg_start'][0]:.1f} / {mi['loadavg_end'][0]:.1f} "
                      "(a shared machine: timings are pessimistic and noisy; medians are the number to read)")
