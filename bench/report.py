@@ -313,13 +313,13 @@ def compact(path):
     _, mi, ci, rows = load(path)
     out = [f"# {mi.get('device')} {mi.get('dtype')}  copy {_fmt(mi.get('copy_GBps'))} GB/s  "
            f"matmul {_fmt(mi.get('matmul_TFLOPs'), 3)} TFLOP/s  commit {(ci.get('id') or '')[:8]}",
-           f"{'op':<22}{'shape':<34}{'mode':<9}{'provider':<13}{'ms':>9}{'p20':>9}{'p80':>9}"
+           f"{'op':<22}{'shape':<40}{'mode':<9}{'provider':<13}{'ms':>9}{'p20':>9}{'p80':>9}"
            f"{'GB/s':>9}{'%fl':>7}{'TF/s':>8}{'MiB':>9}{'xref':>7}"]
     for op in OPS:
         for (shape, mode), es in _groups(rows, op):
             ref = next((e["median_ms"] for e in es if e["provider"] == "reference"), None)
             for e in sorted(es, key=lambda e: e["median_ms"]):
-                out.append(f"{op[:21]:<22}{shape[:33]:<34}{mode:<9}{e['provider'][:12]:<13}"
+                out.append(f"{op[:21]:<22}{shape[:39]:<40}{mode:<9}{e['provider'][:12]:<13}"
                            f"{e['median_ms']:>9.3f}{e.get('p20_ms', 0):>9.3f}{e.get('p80_ms', 0):>9.3f}"
                            f"{_fmt(e.get('GBps'), 1):>9}{_fmt(e.get('pct_floor'), 0):>7}"
                            f"{_fmt(e.get('TFLOPs'), 1):>8}{_fmt(_mib(e.get('peak_mem_bytes')), 0):>9}"
