@@ -15,8 +15,9 @@ import os
 import shlex
 
 import pytest
+import torch
 
-from bench.common import Provider, run_case
+from bench.common import ON_GPU, Provider, run_case
 
 PROVIDERS = ["logits-default", "logits-torch", "fused-default", "fused-torch"]
 
@@ -32,28 +33,34 @@ def test_train_step(benchmark, prov, tmp_path):
     argv = ["--config", str(config.CONFIG_DIR / "tiny.toml"), f"--run.out_dir={tmp_path}", "--run.name=bench",
             f"--model.logprob_impl={logprob_impl}", f"--model.kernel_impl={'' if kernel == 'default' else kernel}",
             "--eval.prompts=0", *shlex.split(os.environ.get("FLOWRL_BENCH_TRAIN_ARGS", ""))]
+    if not ON_GPU:  # keep the suite's thread count (the trainer would take every core)
+        argv.append(f"--run.cpu_threads={torch.get_num_threads()}")
     cfg = config.load(argv)
-    env = distributed.init(cfg.run.cpu_threads)
+    env = distributed.init(cfg.run.cpu_threads)  # a one-rank process group, torn down below
+    metrics = None
     try:
-        policy, ref, tok = model.build(cfg, env)
-    except ValueError as e:  # e.g. logprob_impl='fused' without linear_token_logprobs in this checkout
-        pytest.skip(str(e))
-    opt, sched = train.build_optimizer(policy, cfg)
-    task = tasks.build(cfg, "train")
-    metrics = Metrics(cfg.run_dir, env.is_main, 10**6)
-    state = {"step": 0, "record": {}}
+        try:
+            policy, ref, tok = model.build(cfg, env)
+        except ValueError as e:  # e.g. logprob_impl='fused' without linear_token_logprobs in this checkout
+            pytest.skip(str(e))
+        opt, sched = train.build_optimizer(policy, cfg)
+        task = tasks.build(cfg, "train")
+        metrics = Metrics(cfg.run_dir, env.is_main, 10**6)
+        state = {"step": 0, "record": {}}
 
-    def step():
-        state["record"] = train.train_step(state["step"], cfg, env, policy, ref, tok, task, opt, sched, metrics)
-        state["step"] += 1
+        def step():
+            state["record"] = train.train_step(state["step"], cfg, env, policy, ref, tok, task, opt, sched,
+                                               metrics)
+            state["step"] += 1
 
-    benchmark.group = "train_step tiny"
-    try:
+        benchmark.group = "train_step tiny"
         run_case(benchmark, Provider(step), lambda _: {}, "step",
                  info={"op": "train_step", "provider": prov, "model": f"tiny ({cfg.model.path}, "
                        f"{cfg.model.tiny_layers}L H{cfg.model.tiny_hidden})", "N": 0})
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
+        distributed.cleanup()
     rec = state["record"]
     benchmark.extra_info.update({k: rec[k] for k in ("time_generate", "time_logprobs", "time_update",
                                                      "tokens_per_s") if k in rec})
