@@ -51,7 +51,7 @@ SWEEP_MODEL = "qwen2.5-7b"
 
 # Seconds of timed rounds per case, and round limits. The CPU suite (2 cores) must stay < 10 minutes.
 # GPU: ~110 cases per logits op must fit gpu.sh's 9 minutes; GPU timings vary ~1% between rounds.
-ROUND_BUDGET_S = float(os.environ.get("FLOWRL_BENCH_BUDGET_S", "0.3" if ON_GPU else "0.6"))
+ROUND_BUDGET_S = float(os.environ.get("FLOWRL_BENCH_BUDGET_S", "0.2" if ON_GPU else "0.6"))
 MIN_ROUNDS, MAX_ROUNDS = (10, 100) if ON_GPU else (5, 20)
 
 
@@ -174,7 +174,8 @@ def machine() -> Dict[str, object]:
         "torch": torch.__version__,
         "dtype": str(DTYPE).replace("torch.", ""),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": _git("rev-parse", "--short", "HEAD"),
+        # the device tool's copy of the tree has no .git: gpu.sh's caller passes FLOWRL_BENCH_COMMIT
+        "commit": os.environ.get("FLOWRL_BENCH_COMMIT") or _git("rev-parse", "--short", "HEAD"),
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
     }
     try:

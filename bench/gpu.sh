@@ -6,7 +6,8 @@
 #   4. merge the JSON, print a compact table
 # From the repository root (the checkout the device call sends):
 #   bash bench/fetch_peers.sh                       # here, once: ~10 MB into .peers/ (git-ignored)
-#   run(command="bash bench/gpu.sh", carry=[".peers"], timeout_s=600)
+#   run(command="FLOWRL_BENCH_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu.sh", carry=[".peers"], timeout_s=600)
+#     (write the hash into the command here: the device's copy of the tree has no .git)
 # Files go to $OUT (the device tool brings them back) or bench/results/ when OUT is unset; copy the
 # gpu-*.json into bench/results/ and run `python -m bench.report` to regenerate bench/RESULTS.md.
 # Knobs: FLOWRL_BENCH_N / FLOWRL_BENCH_LINEAR_N / FLOWRL_BENCH_LOSS_BT (sizes), FLOWRL_BENCH_BUDGET_S
@@ -63,13 +64,15 @@ CARD=$($PY -c "import torch,re; print(re.sub('[^a-z0-9]+','-',torch.cuda.get_dev
 STAMP=$(date -u +%Y%m%d-%H%M)
 PARTS=()
 i=0
-for spec in token_logprobs:forward:60 token_logprobs:backward:60 token_logprobs:full:80 \
-            linear_token_logprobs:forward:60 linear_token_logprobs:backward:70 linear_token_logprobs:full:90 \
-            flowrl_loss::45 train_step::45; do
+# (each part pays its own start: imports, torch.compile of the reference, Triton JIT; the most
+#  important parts go first, the last ones get what is left of the 520 s)
+for spec in token_logprobs:forward:70 token_logprobs:backward:80 token_logprobs:full:90 \
+            linear_token_logprobs:forward:70 linear_token_logprobs:backward:80 linear_token_logprobs:full:90 \
+            flowrl_loss::40 train_step::30; do
   IFS=: read -r f k lim <<<"$spec"
   i=$((i + 1))
   [ -f "bench/bench_$f.py" ] || { log "bench/bench_$f.py absent, skipped"; continue; }
-  left=$(( 500 - ($(date +%s) - T0) ))
+  left=$(( 520 - ($(date +%s) - T0) ))
   (( lim > left )) && lim=$left
   (( lim < 15 )) && { log "no time left for $f $k"; continue; }
   filt=$k

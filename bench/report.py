@@ -211,7 +211,7 @@ def section(path, png_dir, rel_to):
     stem = os.path.splitext(os.path.basename(path))[0]
     dirty = " (uncommitted changes)" if ci.get("dirty") or mi.get("dirty") else ""
     lines = [f"## {mi.get('device', '?')} — {mi.get('device_type', '?')}, {mi.get('dtype', '?')}", "",
-             f"- run: {mi.get('date') or d.get('datetime')}, commit `{(ci.get('id') or mi.get('commit', ''))[:10]}`"
+             f"- run: {mi.get('date') or d.get('datetime')}, commit `{(mi.get('commit') or ci.get('id') or '?')[:10]}`"
              f"{dirty}, file `{os.path.relpath(path, rel_to)}`",
              f"- software: torch {mi.get('torch')}, triton {mi.get('triton')}; {mi.get('torch_threads')} torch "
              f"threads on {mi.get('cpu_count')} CPUs",
@@ -313,7 +313,7 @@ def compact(path):
     """A terse fixed-width table: one line per case, grouped by op / shape / mode."""
     _, mi, ci, rows = load(path)
     out = [f"# {mi.get('device')} {mi.get('dtype')}  copy {_fmt(mi.get('copy_GBps'))} GB/s  "
-           f"matmul {_fmt(mi.get('matmul_TFLOPs'), 3)} TFLOP/s  commit {(ci.get('id') or '')[:8]}",
+           f"matmul {_fmt(mi.get('matmul_TFLOPs'), 3)} TFLOP/s  commit {(mi.get('commit') or ci.get('id') or '?')[:8]}",
            f"{'op':<22}{'shape':<40}{'mode':<9}{'provider':<13}{'ms':>9}{'p20':>9}{'p80':>9}"
            f"{'GB/s':>9}{'%fl':>7}{'TF/s':>8}{'MiB':>9}{'xref':>7}"]
     for op in OPS:
