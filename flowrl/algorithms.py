@@ -1,0 +1,67 @@
+"""FlowRL and GRPO on one shared pipeline: small pure functions over tensors.
+
+Both algorithms see the same rollout batch, the same float32 token log-probs and the same
+group-normalized reward r_hat (GRPO's z-score over the G responses of a prompt). They differ only in
+the objective: FlowRL's trajectory balance to pi_ref * exp(beta r_hat) / Z(x), GRPO's clipped
+surrogate with advantage r_hat. All math goes through flowrl_kernels' public ops.
+
+Gradient accumulation: each micro-batch returns its share of the mini-batch mean (sum over its rows
+divided by the mini-batch's count), so the accumulated gradient equals the unsplit one exactly.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+import flowrl_kernels
+from flowrl.config import Algo
+
+
+def normalized_rewards(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """r_hat [B]: (r - group mean) / (group std + 1e-6); all-equal groups give 0."""
+    return flowrl_kernels.group_normalize(rewards, group_size)
+
+
+def needs_reference(algo: Algo) -> bool:
+    return algo.name == "flowrl" or algo.kl_coef > 0
+
+
+def clip_bounds(clip) -> Tuple[Optional[float], Optional[float]]:
+    """Config [lo, hi] with negative = unbounded -> the (lo, hi) tuple flowrl_loss takes."""
+    lo, hi = clip
+    return (None if lo < 0 else float(lo), None if hi < 0 else float(hi))
+
+
+def flowrl_objective(out: Dict[str, torch.Tensor], old_logp: torch.Tensor, ref_logp: torch.Tensor,
+                     r_hat: torch.Tensor, mask: torch.Tensor, algo: Algo, n_seq: int
+                     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Micro-batch share of mean_i w_i delta_i^2 over a mini-batch of ``n_seq`` sequences."""
+    loss, st = flowrl_kernels.flowrl_loss(out["logp"], old_logp, ref_logp, out["log_z"], r_hat, mask,
+                                          beta=algo.beta, importance=algo.importance,
+                                          clip=clip_bounds(algo.clip), reduction="sum")
+    stats = {"delta": st["delta"].mean(), "delta_abs": st["delta"].abs().mean(), "is_weight": st["weight"].mean(),
+             "is_clip_frac": st["clip_frac"], "logp_mean": st["logp_mean"].mean(),
+             "ref_logp_mean": st["ref_logp_mean"].mean(), "log_z": out["log_z"].detach().float().mean()}
+    return loss / n_seq, stats
+
+
+def grpo_objective(out: Dict[str, torch.Tensor], old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor],
+                   r_hat: torch.Tensor, mask: torch.Tensor, algo: Algo, n_seq: int, n_tok: int
+                   ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Micro-batch share of the GRPO loss over a mini-batch (``n_seq`` sequences, ``n_tok`` tokens)."""
+    kw = dict(eps=tuple(algo.eps), ref_logp=ref_logp, kl_coef=algo.kl_coef)
+    if algo.grpo_reduction == "token_mean":
+        loss, st = flowrl_kernels.grpo_loss(out["logp"], old_logp, r_hat, mask, reduction="sum", **kw)
+        loss = loss / max(n_tok, 1)
+    else:
+        loss, st = flowrl_kernels.grpo_loss(out["logp"], old_logp, r_hat, mask, reduction="seq_mean", **kw)
+        loss = loss * (mask.shape[0] / n_seq)
+    stats = {"is_clip_frac": st["clip_frac"], "is_weight": st["ratio_mean"], "kl": st["kl"]}
+    return loss, stats
+
+
+def objective(out, old_logp, ref_logp, r_hat, mask, algo: Algo, n_seq: int, n_tok: int):
+    if algo.name == "flowrl":
+        return flowrl_objective(out, old_logp, ref_logp, r_hat, mask, algo, n_seq)
+    return grpo_objective(out, old_logp, ref_logp, r_hat, mask, algo, n_seq, n_tok)

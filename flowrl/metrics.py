@@ -1,0 +1,67 @@
+"""Run outputs on rank 0: a tqdm bar (reward, loss) and JSON-lines files in the run directory.
+
+    runs/<name>/config.toml     resolved config (every field, after CLI overrides)
+    runs/<name>/metrics.jsonl   one record per training step (keys: see train.py::train_step)
+    runs/<name>/eval.jsonl      one record per evaluation (step, accuracy, pass@k, reward, length)
+    runs/<name>/samples.jsonl   the first prompt's group of responses each step (text, reward)
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated GPU memory, or on CPU this process's peak resident set size (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+class Metrics:
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int):
+        self.enabled = enabled
+        self.files = {}
+        self.bar = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics", "eval", "samples"):
+            self.files[name] = open(run_dir / f"{name}.jsonl", "w", buffering=1)  # line-buffered
+        from tqdm import tqdm
+        self.bar = tqdm(total=total_steps, desc="flowrl", dynamic_ncols=True, file=sys.stdout)
+
+    def _write(self, name: str, record: Dict[str, Any]) -> None:
+        if self.enabled:
+            self.files[name].write(json.dumps(record) + "\n")
+
+    def step(self, record: Dict[str, Any]) -> None:
+        self._write("metrics", record)
+        if self.bar is not None:
+            self.bar.set_postfix(reward=f"{record['reward_mean']:.3f}", loss=f"{record['loss']:.3g}",
+                                 acc=f"{record['accuracy']:.2f}", refresh=False)
+            self.bar.update(1)
+
+    def eval(self, record: Dict[str, Any]) -> None:
+        self._write("eval", record)
+        if self.bar is not None:
+            self.bar.write(f"[eval step {record['step']}] accuracy {record['accuracy']:.3f} "
+                           f"pass@{record['samples']} {record['pass_at_k']:.3f} "
+                           f"format {record['format_rate']:.2f} length {record['response_len']:.1f}")
+
+    def samples(self, record: Dict[str, Any]) -> None:
+        self._write("samples", record)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        for f in self.files.values():
+            f.close()
+        self.files = {}
