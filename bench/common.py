@@ -395,6 +395,13 @@ def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[s
         args, kwargs = setup()
         peak = peak_memory(lambda: target(*args, **kwargs))
         del args, kwargs
+        if not ON_GPU:
+            # CPU: once in a full suite run a call read ~1/4 of its peak on both counters (allocator and
+            # RSS; not reproducible alone), so the CPU peak is the larger of two measured calls
+            args, kwargs = setup()
+            again = peak_memory(lambda: target(*args, **kwargs))
+            del args, kwargs
+            peak = {k: max(v, again.get(k, v)) for k, v in peak.items()}
         n_ops = None
         if count_ops:
             args, kwargs = setup()
