@@ -19,7 +19,7 @@ if torch.cuda.is_available():
 _THREADS_NOTE = ""
 if os.environ.get("FLOWRL_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["FLOWRL_BENCH_THREADS"]))
-    _THREADS_NOTE = "set by FLOWRL_BENCH_THREADS"
+    _THREADS_NOTE = f"{torch.get_num_threads()} thread(s), set by FLOWRL_BENCH_THREADS"
 elif not torch.cuda.is_available() and os.getloadavg()[0] >= (os.cpu_count() or 1):
     torch.set_num_threads(1)
     _THREADS_NOTE = (f"1 thread: load average {os.getloadavg()[0]:.1f} >= {os.cpu_count()} cores at start "
