@@ -54,7 +54,10 @@ class Run:
     cpu_threads: int = 0
     """Torch threads per process on CPU; 0 = cores / local ranks (torchrun would otherwise force 1)."""
     overwrite: bool = True
-    """Reuse an existing run directory (its metrics files are truncated); false = error if it exists."""
+    """Reuse an existing run directory (its metrics files are truncated); false = error if it exists.
+    A run directory holding a checkpoint is resumed instead (see checkpoint.resume)."""
+    plots: bool = True
+    """Draw curves.png (training and evaluation curves) into the run directory at the end."""
 
     def __post_init__(self):
         _check(bool(self.name) and "/" not in self.name, f"run.name={self.name!r} must be a non-empty folder name.")
@@ -72,9 +75,10 @@ class Model:
     attn_impl: str = "auto"
     """'auto' = flash_attention_2 when flash-attn imports on CUDA, else sdpa; or 'sdpa' / 'eager' /
     'flash_attention_2'."""
-    logprob_impl: str = "logits"
-    """'logits': lm_head then flowrl_kernels.token_logprobs; 'fused': flowrl_kernels.linear_token_logprobs
-    on the hidden states and lm_head weight (never materializes [N, V] logits)."""
+    logprob_impl: str = "fused"
+    """'fused': flowrl_kernels.hf.response_logprobs (the model's own forward, its lm_head replaced by
+    linear_token_logprobs: [N, V] logits never exist; exact); 'logits': lm_head on the response rows,
+    then flowrl_kernels.token_logprobs (holds [N, V] fp32 logits and their gradient)."""
     kernel_impl: str = ""
     """Force flowrl_kernels' impl ('torch', 'triton', 'native'); '' = the library's default."""
     activation_checkpointing: bool = False
@@ -169,6 +173,11 @@ class Rollout:
     """Nucleus sampling; < 1 makes the samples off-policy w.r.t. the log-probs (kept 1.0 for training)."""
     top_k: int = 0
     """0 = off. HF's default top_k=50 silently truncates the distribution: samples become off-policy."""
+    backend: str = "hf"
+    """'hf' (transformers generate on the FSDP policy) or 'vllm' (GPU only, `pip install vllm`; weights
+    synced from the policy before each sampling; NOT yet run on a real GPU, see flowrl/rollout.py)."""
+    vllm_gpu_memory: float = 0.3
+    """rollout.backend='vllm': fraction of GPU memory vLLM may take (the rest is the trainer's)."""
 
     def __post_init__(self):
         _check(self.prompts_per_step >= 1, f"rollout.prompts_per_step={self.prompts_per_step} must be >= 1.")
@@ -179,6 +188,8 @@ class Rollout:
                f"rollout.temperature={self.temperature} must be a finite number > 0.")
         _check(0 < self.top_p <= 1, f"rollout.top_p={self.top_p} must be in (0, 1].")
         _check(self.top_k >= 0, f"rollout.top_k={self.top_k} must be >= 0 (0 = off).")
+        _check(self.backend in ("hf", "vllm"), f"rollout.backend={self.backend!r}: use 'hf' or 'vllm'.")
+        _check(0 < self.vllm_gpu_memory < 1, f"rollout.vllm_gpu_memory={self.vllm_gpu_memory} must be in (0, 1).")
 
 
 @dataclass
@@ -243,12 +254,17 @@ class Train:
     """Sequences per optimizer step on each rank; 0 = the whole local rollout batch (one update)."""
     micro_batch_size: int = 8
     """Sequences per forward/backward on each rank (gradient accumulation up to the mini-batch)."""
+    max_consecutive_skips: int = 3
+    """An update whose loss or grad norm is not finite is skipped (grads zeroed, counted as `skipped`
+    in metrics.jsonl); this many skipped steps in a row stop the run (the last checkpoint is kept)."""
 
     def __post_init__(self):
         _check(self.steps >= 0, f"train.steps={self.steps} must be >= 0.")
         _check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1.")
         _check(self.mini_batch_size >= 0, f"train.mini_batch_size={self.mini_batch_size} must be >= 0.")
         _check(self.micro_batch_size >= 1, f"train.micro_batch_size={self.micro_batch_size} must be >= 1.")
+        _check(self.max_consecutive_skips >= 1,
+               f"train.max_consecutive_skips={self.max_consecutive_skips} must be >= 1.")
 
 
 @dataclass
@@ -274,6 +290,25 @@ class Eval:
 
 
 @dataclass
+class Checkpoint:
+    every: int = 0
+    """Save a checkpoint every this many steps (and after the last one); 0 = never."""
+    keep: int = 2
+    """Keep the newest this many checkpoints (older ones are deleted after a new one is complete)."""
+    resume: str = "auto"
+    """'auto' = continue from the newest complete checkpoint in the run directory if there is one;
+    'off' = start fresh; or the path of a checkpoint folder (runs/<name>/checkpoints/step_000004)."""
+    export: bool = True
+    """Save the trained policy (no log Z head) as a plain HF folder, runs/<name>/export, at the end."""
+
+    def __post_init__(self):
+        _check(self.every >= 0, f"checkpoint.every={self.every} must be >= 0 (0 = never).")
+        _check(self.keep >= 1, f"checkpoint.keep={self.keep} must be >= 1.")
+        _check(self.resume in ("auto", "off") or Path(self.resume).is_dir(),
+               f"checkpoint.resume={self.resume!r}: use 'auto', 'off' or an existing checkpoint folder.")
+
+
+@dataclass
 class Config:
     run: Run = field(default_factory=Run)
     model: Model = field(default_factory=Model)
@@ -284,6 +319,7 @@ class Config:
     optim: Optim = field(default_factory=Optim)
     train: Train = field(default_factory=Train)
     eval: Eval = field(default_factory=Eval)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
 
     def __post_init__(self):
         if self.task.name == "synthetic":

@@ -2,8 +2,14 @@
 
     runs/<name>/config.toml     resolved config (every field, after CLI overrides)
     runs/<name>/metrics.jsonl   one record per training step (keys: see train.py::train_step)
-    runs/<name>/eval.jsonl      one record per evaluation (step, accuracy, pass@k, reward, length)
+    runs/<name>/eval.jsonl      one record per evaluation (step, Avg@k accuracy, pass@k, distinct correct
+                                answers, answer entropy, reward, format rate, length)
     runs/<name>/samples.jsonl   the first prompt's group of responses each step (text, reward)
+    runs/<name>/curves.png      the curves of both files (flowrl/plot.py)
+    runs/<name>/checkpoints/    see flowrl/checkpoint.py;  runs/<name>/export/: the trained HF model
+
+On resume from step s the files keep their records up to step s (a crashed run may have logged steps
+after its last checkpoint: those are dropped, then written again by the resumed run) and append.
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import json
 import resource
 import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -25,7 +31,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Metrics:
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int):
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, resume_step: Optional[int] = None):
         self.enabled = enabled
         self.files = {}
         self.bar = None
@@ -33,9 +39,16 @@ class Metrics:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in ("metrics", "eval", "samples"):
-            self.files[name] = open(run_dir / f"{name}.jsonl", "w", buffering=1)  # line-buffered
+            path = run_dir / f"{name}.jsonl"
+            kept = []
+            if resume_step is not None and path.is_file():
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+            self.files[name] = open(path, "a", buffering=1)  # line-buffered
         from tqdm import tqdm
-        self.bar = tqdm(total=total_steps, desc="flowrl", dynamic_ncols=True, file=sys.stdout)
+        self.bar = tqdm(total=total_steps, initial=resume_step or 0, desc="flowrl", dynamic_ncols=True,
+                        file=sys.stdout)
 
     def _write(self, name: str, record: Dict[str, Any]) -> None:
         if self.enabled:
@@ -45,7 +58,8 @@ class Metrics:
         self._write("metrics", record)
         if self.bar is not None:
             self.bar.set_postfix(reward=f"{record['reward_mean']:.3f}", loss=f"{record['loss']:.3g}",
-                                 acc=f"{record['accuracy']:.2f}", refresh=False)
+                                 acc=f"{record['accuracy']:.2f}", skipped=record.get("skipped", 0),
+                                 refresh=False)
             self.bar.update(1)
 
     def eval(self, record: Dict[str, Any]) -> None:
@@ -53,6 +67,8 @@ class Metrics:
         if self.bar is not None:
             self.bar.write(f"[eval step {record['step']}] accuracy {record['accuracy']:.3f} "
                            f"pass@{record['samples']} {record['pass_at_k']:.3f} "
+                           f"distinct correct {record['distinct_correct']:.2f} "
+                           f"answer entropy {record['answer_entropy']:.2f} "
                            f"format {record['format_rate']:.2f} length {record['response_len']:.1f}")
 
     def samples(self, record: Dict[str, Any]) -> None:

@@ -8,8 +8,11 @@
 - any local HF causal-LM folder.
 
 ``Policy.forward`` returns float32 token log-probs (and entropy) of the response tokens via
-``flowrl_kernels`` plus log Z(x) from the head. The head lives in ``Policy.log_z``, outside
-``Policy.lm``, so ``policy.lm.save_pretrained(...)`` exports inference weights without it.
+``flowrl_kernels`` plus log Z(x) from the head. ``model.logprob_impl = "fused"`` (default) goes through
+``flowrl_kernels.hf.response_logprobs`` (the LM's own forward, its lm_head computing log-probs from the
+hidden states in chunks: [N, V] logits never exist; bench/bench_trainer_logprob_memory.py: one step at
+V=151936 peaks 165 MiB above baseline vs 892 MiB for "logits", same loss). The head lives in
+``Policy.log_z``, outside ``Policy.lm``, so exported inference weights (flowrl/checkpoint.py) omit it.
 """
 from __future__ import annotations
 
@@ -169,7 +172,7 @@ class Policy(nn.Module):
     """
 
     def __init__(self, lm: nn.Module, log_z: Optional[LogZHead] = None, *, include_last_token: bool = True,
-                 detach_log_z_input: bool = False, logprob_impl: str = "logits", kernel_impl: Optional[str] = None):
+                 detach_log_z_input: bool = False, logprob_impl: str = "fused", kernel_impl: Optional[str] = None):
         super().__init__()
         self.lm = lm
         self.log_z = log_z
@@ -185,25 +188,46 @@ class Policy(nn.Module):
             # sampling also enters through the root's forward, so that FSDP's root hooks run (they
             # gather the embeddings / lm_head and must see the root before any layer)
             return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate)
+        if self.logprob_impl == "fused":
+            out, hidden = self._fused_logprobs(input_ids, attention_mask, labels, prompt_len, temperature, entropy)
+        else:
+            out, hidden = self._logits_logprobs(input_ids, attention_mask, labels, prompt_len, temperature, entropy)
+        if self.log_z is not None:
+            pooled = masked_mean_pool(hidden[:, :prompt_len],
+                                      prompt_pool_mask(attention_mask[:, :prompt_len], self.include_last_token))
+            out["log_z"] = self.log_z(pooled.detach() if self.detach_log_z_input else pooled)
+        return out
+
+    def _fused_logprobs(self, input_ids, attention_mask, labels, prompt_len, temperature, entropy):
+        """flowrl_kernels.hf: the LM's own forward with its lm_head computing log-probs from the final
+        hidden states (never [N, V] logits). The head's input (those hidden states) is captured by a
+        pre-hook for the log Z pooling."""
+        from flowrl_kernels.hf import response_logprobs
+        captured = []
+        hook = self.lm.get_output_embeddings().register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+        try:
+            resp = torch.cat([torch.zeros_like(input_ids[:, :prompt_len]), (labels != IGNORE_INDEX).long()], 1)
+            res = response_logprobs(self.lm, input_ids, attention_mask, resp, temperature=temperature,
+                                    return_entropy=entropy, impl=self.kernel_impl)
+        finally:
+            hook.remove()
+        # [B, P+R] aligned with input_ids -> the [B, R] response columns
+        res = res if entropy else (res,)
+        out = dict(zip(("logp", "entropy"), (r[:, prompt_len:] for r in res)))
+        return out, captured[0]
+
+    def _logits_logprobs(self, input_ids, attention_mask, labels, prompt_len, temperature, entropy):
+        """The body's hidden states -> lm_head on the response rows only -> token_logprobs."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         base = getattr(self.lm, self.lm.base_model_prefix)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       use_cache=False).last_hidden_state  # [B, P+R, H], after the final norm
         # position t predicts token t+1: the R response tokens are predicted from P-1 .. P+R-2; only
         # those rows go through lm_head (the prompt is 2/3 of the tokens in the default run)
-        h_resp = hidden[:, prompt_len - 1: -1]
         head = self.lm.get_output_embeddings()
-        kw = dict(temperature=temperature, return_entropy=entropy, impl=self.kernel_impl)
-        if self.logprob_impl == "fused":
-            res = flowrl_kernels.linear_token_logprobs(h_resp, head.weight, labels, bias=head.bias, **kw)
-        else:
-            res = flowrl_kernels.token_logprobs(head(h_resp), labels, **kw)
-        out = dict(zip(("logp", "entropy"), res)) if entropy else {"logp": res}
-        if self.log_z is not None:
-            pooled = masked_mean_pool(hidden[:, :prompt_len],
-                                      prompt_pool_mask(attention_mask[:, :prompt_len], self.include_last_token))
-            out["log_z"] = self.log_z(pooled.detach() if self.detach_log_z_input else pooled)
-        return out
+        res = flowrl_kernels.token_logprobs(head(hidden[:, prompt_len - 1: -1]), labels, temperature=temperature,
+                                            return_entropy=entropy, impl=self.kernel_impl)
+        return (dict(zip(("logp", "entropy"), res)) if entropy else {"logp": res}), hidden
 
 
 def _attn_impl(requested: str, device: torch.device) -> str:

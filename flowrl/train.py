@@ -9,13 +9,17 @@ Launch (from the repo root):
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 flowrl/train.py ...
     make train ARGS="--algo.name=grpo --run.name=grpo"                # = torchrun ... flowrl/train.py
 
-Outputs go to runs/<run.name>/ (layout: flowrl/metrics.py).
+Outputs go to runs/<run.name>/ (layout: flowrl/metrics.py, flowrl/checkpoint.py). Launching again
+into a run directory that holds a checkpoint continues from it (--checkpoint.resume=off starts over).
 """
 from __future__ import annotations
 
+import math
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):  # `python flowrl/train.py`: import the package, not its sibling files
     _here = Path(__file__).resolve().parent
@@ -23,7 +27,7 @@ if __package__ in (None, ""):  # `python flowrl/train.py`: import the package, n
 
 import torch
 
-from flowrl import algorithms, config, distributed, model, rollout, tasks
+from flowrl import algorithms, checkpoint, config, distributed, diversity, faults, model, rollout, tasks
 from flowrl.metrics import Metrics, peak_memory_mb
 
 
@@ -59,14 +63,18 @@ def forward_logp(module, batch: rollout.Batch, cfg: config.Config) -> torch.Tens
                           for b in (batch.slice(i, i + mb) for i in range(0, len(batch), mb))])
 
 
-def train_step(step, cfg, env, policy, ref, tok, task, opt, sched, metrics) -> dict:
+class TrainingStopped(RuntimeError):
+    """Too many consecutive non-finite steps; the message says where the last good checkpoint is."""
+
+
+def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) -> dict:
     t0 = time.perf_counter()
     G = cfg.rollout.group_size
     problems = local_prompts(task, cfg, env, step)
     policy.train()
-    batch = rollout.generate(policy, tok, [task.messages(p) for p in problems], n=G,
+    batch = sampler.generate(policy, [task.messages(p) for p in problems], n=G,
                              max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, device=env.device)
+                             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, version=step)
     rewards = torch.tensor([task.reward(problems[i // G], t) for i, t in enumerate(batch.texts)])
     r_hat = algorithms.normalized_rewards(rewards, G).to(env.device)
     t_gen = time.perf_counter()
@@ -81,11 +89,11 @@ def train_step(step, cfg, env, policy, ref, tok, task, opt, sched, metrics) -> d
     old_logp = forward_logp(policy, batch, cfg) if n_updates > 1 else None
     t_lp = time.perf_counter()
 
-    sums, n_micro, grad_norms = {}, 0, []
+    sums, n_micro, grad_norms, skipped = {}, 0, [], 0
     for _ in range(cfg.train.epochs):
         for lo in range(0, B, mini):
             opt.zero_grad(set_to_none=True)
-            n_tok = int(mask[lo: lo + mini].sum())
+            n_tok, mini_loss = int(mask[lo: lo + mini].sum()), 0.0
             for i in range(lo, lo + mini, micro):
                 b = batch.slice(i, i + micro)
                 out = policy(b.input_ids, b.attention_mask, b.labels, b.prompt_len,
@@ -94,13 +102,22 @@ def train_step(step, cfg, env, policy, ref, tok, task, opt, sched, metrics) -> d
                 ref_b = None if ref_logp is None else ref_logp[i: i + micro]
                 loss, st = algorithms.objective(out, old, ref_b, r_hat[i: i + micro], b.response_mask,
                                                 cfg.algo, n_seq=mini, n_tok=n_tok)
+                if faults.active("nan_loss", step + 1):
+                    loss = loss * float("nan")
                 loss.backward()
+                mini_loss += float(loss.detach())
                 st["loss"] = loss.detach() * (mini / micro)  # this micro-batch's own mean loss
                 st["entropy"] = (out["entropy"].detach() * b.response_mask).sum() / b.response_mask.sum().clamp(min=1)
                 for k, v in st.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 n_micro += 1
             grad_norms.append(distributed.clip_grad_norm(policy.parameters(), cfg.optim.grad_clip))
+            # a non-finite loss on any rank or a non-finite global norm: no update anywhere (same decision
+            # on every rank), and the optimizer state and schedule do not advance either
+            if distributed.max_over_ranks(float(not math.isfinite(mini_loss + grad_norms[-1])), env.device) > 0:
+                opt.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
             opt.step()
             sched.step()
     t_end = time.perf_counter()
@@ -113,6 +130,7 @@ def train_step(step, cfg, env, policy, ref, tok, task, opt, sched, metrics) -> d
                   response_len=float(mask.sum(-1).float().mean()),
                   zero_std_groups=float((groups.max(-1).values == groups.min(-1).values).float().mean()))
     record = distributed.mean_over_ranks(record, env.device)
+    record["skipped"] = skipped
     record["reward_std"] = max(record.pop("reward_sq") - record["reward_mean"] ** 2, 0.0) ** 0.5
     step_time = distributed.max_over_ranks(t_end - t0, env.device)
     record.update(step=step + 1, lr=sched.get_last_lr()[0], step_time=step_time,
@@ -126,32 +144,61 @@ def train_step(step, cfg, env, policy, ref, tok, task, opt, sched, metrics) -> d
 
 
 @torch.no_grad()
-def evaluate(step, cfg, env, policy, tok, task, metrics) -> dict:
-    """Avg@k accuracy, pass@k, mean reward, <answer> format rate and response length on held-out prompts."""
+def evaluate(step, cfg, env, policy, sampler, task, metrics) -> dict:
+    """On held-out prompts, k samples each: Avg@k accuracy, pass@k, distinct correct answers per solved
+    prompt and answer entropy (flowrl/diversity.py), mean reward, <answer> format rate, response length."""
     k, per_rank = cfg.eval.samples, cfg.eval.prompts // env.world_size
     chunk = max(cfg.rollout.prompts_per_step // env.world_size, 1)
     mine = [task[env.rank * per_rank + j] for j in range(per_rank)]
-    sums = torch.zeros(6, dtype=torch.float64)  # prompts, correct samples, solved prompts, reward, format, length
+    # prompts, correct samples, solved prompts, reward, format, length, distinct correct (sum), entropy (sum)
+    sums = torch.zeros(8, dtype=torch.float64)
     with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
         torch.manual_seed(cfg.run.seed + 7 * env.rank + 1)  # the same draws at every evaluation
         for lo in range(0, per_rank, chunk):
             probs = mine[lo: lo + chunk]
-            batch = rollout.generate(policy, tok, [task.messages(p) for p in probs], n=k,
+            batch = sampler.generate(policy, [task.messages(p) for p in probs], n=k,
                                      max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                                      temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, top_k=0,
-                                     device=env.device)
+                                     version=step)
             r = torch.tensor([task.reward(probs[i // k], t) for i, t in enumerate(batch.texts)], dtype=torch.float64)
             correct = (r >= 1.0).view(-1, k)
-            fmt = sum(tasks.extract_answer(t) is not None for t in batch.texts)
-            sums += torch.tensor([len(probs), correct.sum(), correct.any(-1).sum(), r.sum(), fmt,
-                                  batch.response_mask.sum()], dtype=torch.float64)
+            answers = [tasks.extract_answer(t) for t in batch.texts]
+            answers = [answers[i: i + k] for i in range(0, len(answers), k)]
+            n_solved = int(correct.any(-1).sum())
+            sums += torch.tensor([len(probs), correct.sum(), n_solved, r.sum(),
+                                  sum(a is not None for row in answers for a in row), batch.response_mask.sum(),
+                                  diversity.distinct_correct(answers, correct.tolist()) * n_solved,
+                                  diversity.answer_entropy(answers) * len(probs)], dtype=torch.float64)
     sums = distributed.all_reduce_sum(sums.to(env.device)).cpu()
     n = max(sums[0].item() * k, 1)
     record = {"step": step, "prompts": int(sums[0]), "samples": k, "accuracy": sums[1].item() / n,
               "pass_at_k": sums[2].item() / max(sums[0].item(), 1), "reward_mean": sums[3].item() / n,
-              "format_rate": sums[4].item() / n, "response_len": sums[5].item() / n}
+              "format_rate": sums[4].item() / n, "response_len": sums[5].item() / n,
+              "distinct_correct": sums[6].item() / max(sums[2].item(), 1),
+              "answer_entropy": sums[7].item() / max(sums[0].item(), 1)}
     metrics.eval(record)
     return record
+
+
+def prepare_run_dir(cfg: config.Config, env) -> Optional[Path]:
+    """Create the run directory; returns the checkpoint to resume from (None = fresh start)."""
+    resume = checkpoint.latest(cfg.run_dir) if cfg.checkpoint.resume == "auto" else (
+        None if cfg.checkpoint.resume == "off" else Path(cfg.checkpoint.resume))
+    if env.is_main:
+        if cfg.run_dir.exists() and not cfg.run.overwrite and resume is None:
+            raise config.ConfigError(f"{cfg.run_dir} exists; pick another --run.name or set --run.overwrite=true.")
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_partial(cfg.run_dir)  # a crash during a checkpoint write leaves a .tmp- folder
+        if resume is None:  # a fresh run must not mix its checkpoints with an earlier run's
+            shutil.rmtree(cfg.run_dir / checkpoint.SUBDIR, ignore_errors=True)
+        config.save(cfg, cfg.run_dir / "config.toml")
+    distributed.barrier()
+    return resume
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """After training step ``step`` (1-based): every ``every`` steps (0 = never) and after the last."""
+    return step == last or (every > 0 and step % every == 0)
 
 
 def main(argv=None) -> None:
@@ -160,29 +207,48 @@ def main(argv=None) -> None:
     metrics = None
     try:
         cfg.check_world(env.world_size)
-        if env.is_main:
-            if cfg.run_dir.exists() and not cfg.run.overwrite:
-                raise config.ConfigError(f"{cfg.run_dir} exists; pick another --run.name or set --run.overwrite=true.")
-            cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            config.save(cfg, cfg.run_dir / "config.toml")
+        resume = prepare_run_dir(cfg, env)
         t_start = time.perf_counter()
         policy, ref, tok = model.build(cfg, env)
         opt, sched = build_optimizer(policy, cfg)
         torch.manual_seed(cfg.run.seed + env.rank)  # ranks sample different responses
+        sampler = rollout.build_sampler(cfg, env, tok, model.resolve_path(cfg, env))
         train_task, eval_task = tasks.build(cfg, "train"), tasks.build(cfg, "eval")
-        metrics = Metrics(cfg.run_dir, env.is_main, cfg.train.steps)
-        evals = []
-        if cfg.eval.prompts:
-            evals.append(evaluate(0, cfg, env, policy, tok, eval_task, metrics))
-        for step in range(cfg.train.steps):
-            train_step(step, cfg, env, policy, ref, tok, train_task, opt, sched, metrics)
-            if cfg.eval.prompts and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0) or step + 1 == cfg.train.steps):
-                evals.append(evaluate(step + 1, cfg, env, policy, tok, eval_task, metrics))
+        state = {"step": 0, "consecutive_skips": 0, "skipped_total": 0}
+        if resume is not None:
+            state = checkpoint.load(resume, policy, opt, sched, env)
+            if env.is_main:
+                print(f"[flowrl] resumed from {resume} (step {state['step']})", flush=True)
+        metrics = Metrics(cfg.run_dir, env.is_main, cfg.train.steps, resume_step=state["step"] if resume else None)
+        evals, steps = [], cfg.train.steps
+        if cfg.eval.prompts and state["step"] == 0:
+            evals.append(evaluate(0, cfg, env, policy, sampler, eval_task, metrics))
+        for step in range(state["step"] + 1, steps + 1):
+            record = train_step(step - 1, cfg, env, policy, ref, sampler, train_task, opt, sched, metrics)
+            state["consecutive_skips"] = state["consecutive_skips"] + 1 if record["skipped"] else 0
+            state["skipped_total"] += record["skipped"]
+            if state["consecutive_skips"] >= cfg.train.max_consecutive_skips:
+                last = checkpoint.latest(cfg.run_dir)
+                raise TrainingStopped(
+                    f"{state['consecutive_skips']} consecutive steps (up to step {step}) had a non-finite loss or "
+                    f"gradient norm; their updates were skipped and the run stops here. Last good checkpoint: "
+                    f"{last or 'none (set checkpoint.every)'}. Lower optim.lr or check the data.")
+            if cfg.eval.prompts and due(step, cfg.eval.every, steps):
+                evals.append(evaluate(step, cfg, env, policy, sampler, eval_task, metrics))
+            if cfg.checkpoint.every and due(step, cfg.checkpoint.every, steps) and not record["skipped"]:
+                state["step"] = step
+                checkpoint.save(cfg.run_dir, step, policy, opt, sched, state, env, cfg.checkpoint.keep)
+                faults.exit_if("exit_after_checkpoint", step)
+        metrics.close()
+        if cfg.checkpoint.export:
+            checkpoint.export_hf(policy, tok, cfg.run_dir / "export", env)
+        if cfg.run.plots and env.is_main:
+            from flowrl import plot
+            plot.plot_runs([cfg.run_dir], cfg.run_dir / "curves.png")
     except Exception:
         print(f"[flowrl] rank {env.rank} failed", file=sys.stderr, flush=True)
         raise
     else:
-        metrics.close()
         if env.is_main:
             curve = " -> ".join(f"{e['accuracy']:.3f}" for e in evals)
             print(f"[flowrl] done in {time.perf_counter() - t_start:.0f} s; eval accuracy {curve or 'n/a'}; "
@@ -198,3 +264,5 @@ if __name__ == "__main__":
         main()
     except config.ConfigError as e:
         sys.exit(f"config error: {e}")
+    except TrainingStopped as e:
+        sys.exit(f"[flowrl] stopped: {e}")

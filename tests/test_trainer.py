@@ -290,11 +290,18 @@ def test_fused_logprob_path_matches_logits_path():
     policy, tok = _tiny_policy()
     policy.eval()
     ids, attn, labels, P, mask = _left_padded(tok, ["one prompt", "two"], ["abc", "de"])
+    policy.logprob_impl = "logits"
     a = policy(ids, attn, labels, P, temperature=0.8)
+    (a["logp"].sum() + a["log_z"].sum()).backward()
+    ga = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    policy.zero_grad()
     policy.logprob_impl = "fused"
     b = policy(ids, attn, labels, P, temperature=0.8)
-    torch.testing.assert_close(b["logp"], a["logp"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(b["entropy"], a["entropy"], atol=1e-5, rtol=1e-5)
+    (b["logp"].sum() + b["log_z"].sum()).backward()
+    for k in ("logp", "entropy", "log_z"):
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)
+    for n, p in policy.named_parameters():  # the fused path trains the same parameters, log Z included
+        torch.testing.assert_close(p.grad, ga[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
 def test_fused_path_requires_the_op(monkeypatch):

@@ -31,7 +31,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def _worker(rank: int, world: int, port: int, argv: list, result_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from flowrl import config, distributed, model, tasks, train
+    from flowrl import config, distributed, model, rollout, tasks, train
     from flowrl.metrics import Metrics
     cfg = config.load(argv)
     env = distributed.init(1)
@@ -44,7 +44,7 @@ def _worker(rank: int, world: int, port: int, argv: list, result_dir: str) -> No
         before = {n: _local(p) for n, p in policy.named_parameters()}
         ref_before = {n: _local(p) for n, p in ref.named_parameters()} if ref is not None else {}
         for step in range(cfg.train.steps):
-            train.train_step(step, cfg, env, policy, ref, tok, task, opt, sched, metrics)
+            train.train_step(step, cfg, env, policy, ref, rollout.HFRollout(tok, env.device), task, opt, sched, metrics)
         metrics.close()
         changed = {n: not torch.equal(before[n], _local(p)) for n, p in policy.named_parameters()}
         ref_same = all(torch.equal(ref_before[n], _local(p)) for n, p in ref.named_parameters()) if ref else True
