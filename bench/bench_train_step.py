@@ -25,7 +25,7 @@ PROVIDERS = ["logits-default", "logits-torch", "fused-default", "fused-torch"]
 @pytest.mark.parametrize("prov", PROVIDERS)
 def test_train_step(benchmark, prov, tmp_path):
     try:
-        from flowrl import config, distributed, model, tasks, train
+        from flowrl import config, distributed, model, rollout, tasks, train
         from flowrl.metrics import Metrics
     except ImportError as e:
         pytest.skip(f"the trainer (flowrl/) is not importable here: {e}")
@@ -44,12 +44,13 @@ def test_train_step(benchmark, prov, tmp_path):
         except ValueError as e:  # e.g. logprob_impl='fused' without linear_token_logprobs in this checkout
             pytest.skip(str(e))
         opt, sched = train.build_optimizer(policy, cfg)
+        sampler = rollout.build_sampler(cfg, env, tok, model.resolve_path(cfg, env))
         task = tasks.build(cfg, "train")
         metrics = Metrics(cfg.run_dir, env.is_main, 10**6)
         state = {"step": 0, "record": {}}
 
         def step():
-            state["record"] = train.train_step(state["step"], cfg, env, policy, ref, tok, task, opt, sched,
+            state["record"] = train.train_step(state["step"], cfg, env, policy, ref, sampler, task, opt, sched,
                                                metrics)
             state["step"] += 1
 
