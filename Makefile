@@ -36,8 +36,17 @@ train: setup
 test: setup
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -q $(ARGS)
 
-bench: setup
-	$(BIN)/python -m pytest bench --benchmark-only -q $(ARGS)
+# the bench extra: peers (trl, liger-kernel, cut-cross-entropy); each run saves its JSON in
+# bench/results/ and regenerates bench/RESULTS.md + charts from every JSON there (bench/report.py)
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	mkdir -p bench/results
+	$(BIN)/python -m pytest bench --benchmark-only -q -p no:cacheprovider \
+		--benchmark-json=bench/results/cpu-$$(date -u +%Y%m%d-%H%M).json $(ARGS)
+	$(BIN)/python -m bench.report
 
 clean:
 	rm -rf $(VENV) build *.egg-info flowrl_kernels/_C*.so

@@ -1,119 +1,71 @@
-"""FlowRL loss, forward + backward at B=512 sequences x T=8192 tokens (fp32 log-probs, right padding).
+"""flowrl_loss: the FlowRL trajectory-balance loss over [B, T] token log-probs (FLOWRL.md).
 
-    pytest bench/bench_flowrl_loss.py --benchmark-only        (or: make bench)
+Byte floor: forward reads logp, old_logp, ref_logp (fp32 [B, T]) and the bool mask once, 13 B/token;
+backward reads the mask and writes grad_logp, 5 B/token; full = 18 B/token ([B] vectors are noise).
+No peer fuses this loss: the baseline is the reference (the ~10 torch ops the authors' code composes)
+and torch.compile of it.
 
-Compares the fused op (impl="triton" on CUDA, impl="native" when the C++ extension is built) with the
-same loss composed from plain torch ops (``flowrl_kernels.reference.flowrl_loss``, the baseline) and
-with torch.compile of that reference. Besides time, each case records how many ATen ops it dispatches
-(a TorchDispatchMode counter, forward + backward; ops that launch no kernel -- views, empty, detach --
-are listed apart) and, for triton, the number of Triton launches. Results: bench/RESULTS.md.
+At these sizes the loss is bound by launches and passes, not by one kernel's speed, so every eager
+provider also records ``aten_ops``: the ATen ops with a kernel one call dispatches (the fused op's
+Triton / native launch counts as one). The fused op's remaining ATen ops work on [B] vectors or
+scalars only (loss = per_seq.sum() / B, clip_frac, the backward's seed and the / B of "mean"); the
+reference's include ~30 that read or write [B, T] tensors (masked means, the log-ratio sum, the
+where/mul temporaries, the backward's grad_logp built from where/mul/div/expand).
+(Folded from the issue-3 helper's first version of this file, which measured B=512 x T=8192.)
 """
-import collections
 import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from flowrl_kernels import flowrl_loss, reference
-from flowrl_kernels._utils import native_has
+from bench.common import DEVICE, MODES, ON_GPU, Provider, Unavailable, compiled, fk_op, run_case
 
-B, T = int(os.environ.get("BENCH_B", 512)), int(os.environ.get("BENCH_T", 8192))
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# no kernel behind these: metadata / allocation only
-NO_KERNEL = {"empty", "empty_strided", "view", "_unsafe_view", "as_strided", "expand", "detach", "alias",
-             "t", "transpose", "unsqueeze", "squeeze", "select", "slice", "permute", "lift_fresh"}
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-    def summary(self):
-        kernels = sum(n for k, n in self.ops.items() if k not in NO_KERNEL)
-        return kernels, sum(self.ops.values()), dict(self.ops)
+# (B sequences, T tokens): a training batch of the paper's setup (512 prompts x 8 rollouts split in
+# mini-batches; responses up to 8192 tokens) and a long-context one; CPU sizes keep the suite short.
+SHAPES = [(512, 8192), (64, 32768)] if ON_GPU else [(128, 8192), (16, 32768)]
+if os.environ.get("FLOWRL_BENCH_LOSS_BT"):
+    SHAPES = [tuple(int(x) for x in os.environ["FLOWRL_BENCH_LOSS_BT"].split("x"))]
+PROVIDERS = ["triton", "native", "torch", "reference", "compile"]
+KW = dict(beta=15.0, importance="sequence", clip=(0.8, 1.2), reduction="mean")
 
 
-@pytest.fixture(scope="module")
-def inputs():
-    g = torch.Generator(device="cpu").manual_seed(0)
-    logp = -3 * torch.rand(B, T, generator=g)
-    old = logp + 0.01 * torch.randn(B, T, generator=g)
-    ref = -3 * torch.rand(B, T, generator=g)
-    lengths = torch.randint(T // 8, T + 1, (B,), generator=g)
-    mask = torch.arange(T)[None, :] < lengths[:, None]
-    log_z, rewards = torch.randn(B, generator=g), torch.randn(B, generator=g)
-    return [t.to(DEVICE) for t in (logp, old, ref, log_z, rewards, mask)]
+def provider(name: str) -> Provider:
+    from flowrl_kernels import reference
+
+    if name in ("triton", "native", "torch"):
+        op = fk_op("flowrl_loss", name)
+        return Provider(lambda **t: op(**t, **KW, impl=name)[0])
+    if name == "reference":
+        return Provider(lambda **t: reference.flowrl_loss(**t, **KW)[0])
+    if name == "compile":
+        f = compiled(reference.flowrl_loss)
+        return Provider(lambda **t: f(**t, **KW)[0], skip_on_error=True)
+    raise ValueError(name)
 
 
-def _step(fn, inputs):
-    logp, old, ref, log_z, rewards, mask = inputs
-    logp = logp.detach().requires_grad_()
-    log_z = log_z.detach().requires_grad_()
-    loss, _ = fn(logp, old, ref, log_z, rewards, mask)
-    loss.backward()
-    return loss
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def _run(benchmark, fn, inputs, name, count=True):
-    _step(fn, inputs)  # warm-up (compiles / autotunes / first-touch allocations)
-    benchmark.extra_info.update(B=B, T=T, device=DEVICE)
-    if count:  # not for compiled code: a dispatch mode makes dynamo fall back to eager
-        counter = OpCounter()
-        with counter:
-            _step(fn, inputs)
-        kernels, total, ops = counter.summary()
-        benchmark.extra_info.update(aten_kernel_ops=kernels, aten_ops=total)
-        print(f"\n{name}: {kernels} ATen ops with a kernel ({total} dispatched) for fwd+bwd; {ops}")
-
-    def once():
-        _step(fn, inputs)
-        _sync()
-
-    benchmark.pedantic(once, rounds=int(os.environ.get("BENCH_ROUNDS", 5)), iterations=1, warmup_rounds=1)
-
-
-def test_reference_torch(benchmark, inputs):
-    _run(benchmark, lambda *a: reference.flowrl_loss(*a), inputs, "reference (plain torch)")
-
-
-def test_reference_compiled(benchmark, inputs):
-    from torch._inductor import metrics
-
-    torch._dynamo.reset()
-    metrics.reset()
-    compiled = torch.compile(reference.flowrl_loss)
+@pytest.mark.parametrize("B, T, mode, prov", [
+    pytest.param(b, t, m, p, id=f"B{b}xT{t}-{m}-{p}") for b, t in SHAPES for m in MODES for p in PROVIDERS])
+def test_flowrl_loss(benchmark, B, T, mode, prov):
     try:
-        _step(compiled, inputs)
-    except Exception as e:  # no C++ compiler / triton for inductor on this machine
-        pytest.skip(f"torch.compile of the reference failed: {type(e).__name__}: {str(e)[:200]}")
-    benchmark.extra_info["inductor_kernels"] = metrics.generated_kernel_count
-    print(f"\ntorch.compile(reference): {metrics.generated_kernel_count} generated kernels for fwd+bwd")
-    _run(benchmark, compiled, inputs, "torch.compile(reference)", count=False)
+        p = provider(prov)
+    except Unavailable as e:
+        pytest.skip(str(e))
+    benchmark.group = f"flowrl_loss B{B}xT{T} {mode}"
 
+    def make_inputs(requires_grad):
+        g = dict(device=DEVICE, dtype=torch.float32)
+        logp = -torch.rand(B, T, **g) * 3  # token log-probs of sampled text: mostly in (-3, 0)
+        # old/ref differ by a few % per token: sequence ratios over thousands of tokens get clipped
+        old = logp + 0.05 * torch.randn(B, T, **g)
+        ref = logp + 0.1 * torch.randn(B, T, **g)
+        lengths = torch.randint(T // 4, T + 1, (B,), device=DEVICE)
+        mask = torch.arange(T, device=DEVICE)[None, :] < lengths[:, None]
+        return {"logp": logp.requires_grad_(requires_grad), "old_logp": old, "ref_logp": ref,
+                "log_z": torch.randn(B, **g).requires_grad_(requires_grad),
+                "rewards": torch.randn(B, **g), "mask": mask}
 
-@pytest.mark.skipif(not native_has("flowrl_loss_fwd"), reason="native extension without flowrl_loss_fwd")
-def test_fused_native(benchmark, inputs):
-    _run(benchmark, lambda *a: flowrl_loss(*a, impl="native"), inputs, "fused native")
-
-
-@pytest.mark.skipif(DEVICE != "cuda", reason="triton kernels are benchmarked on CUDA only (the CPU "
-                    "interpreter measures Python, not the kernel)")
-def test_fused_triton(benchmark, inputs):
-    _run(benchmark, lambda *a: flowrl_loss(*a, impl="triton"), inputs, "fused triton")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        _step(lambda *a: flowrl_loss(*a, impl="triton"), inputs)
-        _sync()
-    launches = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
-    benchmark.extra_info["cuda_kernels"] = launches
-    print(f"fused triton: {launches} CUDA kernel launches for fwd+bwd (profiler)")
+    bt = B * T
+    run_case(benchmark, p, make_inputs, mode,
+             info={"op": "flowrl_loss", "provider": prov, "model": f"B{B}xT{T}", "N": bt, "B": B, "T": T},
+             bytes_moved={"forward": 13 * bt, "backward": 5 * bt, "full": 18 * bt},
+             count_ops=prov != "compile")

@@ -1,0 +1,1 @@
+"""Benchmark suite: `pytest bench --benchmark-only` (never part of `pytest tests`). See bench/README.md."""

@@ -1,0 +1,512 @@
+"""Shared setup of the benchmark suite: shape presets, machine ceilings, timing, peak memory, extra_info.
+
+Every bench file builds a dict of providers (name -> callable or a skip reason) and hands one case to
+``run_case``, which times it in one of three modes and records what the roofline needs:
+
+    forward   the op under no_grad (how old/ref log-probs are computed in RL)
+    backward  only ``torch.autograd.backward(outputs, random upstream grads)``; the forward runs in setup
+    full      forward + backward, what one training step pays
+
+Timing: ``benchmark.pedantic`` with one call per round (the GPU is synchronized at the end of every
+call, so the host clock covers the device work); rounds are sized from a probe call to spend about
+ROUND_BUDGET_S per case. ``extra_info`` gets the median and p20/p80 in ms, GB/s and % of the byte
+floor (at the copy bandwidth measured on this machine), TFLOP/s and % of the measured matmul rate,
+and peak memory (see ``peak_memory``).
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Sequence
+
+# Benchmarks time the real kernels: never poisoned outputs (a NaN fill is an extra pass over each
+# output), and never the Triton interpreter (conftest.py drops TRITON_INTERPRET on GPU machines).
+os.environ["FLOWRL_KERNELS_POISON"] = "0"
+os.environ.setdefault("FLOWRL_KERNELS_QUIET", "1")
+
+import torch  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+
+# bf16 is what models run in on a GPU; the CPU trainer runs in float32 (and CPU bf16 math is emulated
+# in many torch kernels, so bf16 CPU timings would say more about torch than about the kernels).
+DTYPE = getattr(torch, os.environ.get("FLOWRL_BENCH_DTYPE", "bfloat16" if ON_GPU else "float32"))
+
+MODES = ("forward", "backward", "full")
+
+# (hidden H, vocab V) of the models the project cares about (from their config.json).
+MODELS = {
+    "smollm2-135m": (576, 49152),
+    "llama3-8b": (4096, 128256),
+    "qwen2.5-7b": (3584, 152064),
+}
+# The model whose N is swept (peak memory vs N): the largest vocab.
+SWEEP_MODEL = "qwen2.5-7b"
+
+# Seconds of timed rounds per case, and round limits. The CPU suite (2 cores) must stay < 10 minutes.
+# GPU: ~110 cases per logits op must fit gpu.sh's 9 minutes; GPU timings vary ~1% between rounds.
+ROUND_BUDGET_S = float(os.environ.get("FLOWRL_BENCH_BUDGET_S", "0.2" if ON_GPU else "0.6"))
+MIN_ROUNDS, MAX_ROUNDS = (10, 100) if ON_GPU else (5, 20)
+
+
+# ----------------------------------------------------------------------------------------------------
+# shape presets
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shape:
+    model: str
+    N: int
+    H: int
+    V: int
+    modes: Sequence[str] = MODES
+    dtype: Optional[torch.dtype] = None  # None: the run's DTYPE
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}-N{self.N}" + (f"-{_dtype_name(self.dtype)}" if self.dtype is not None else "")
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dt, str(dt))
+
+
+def logits_shapes(n0: int, sweep: Sequence[int]) -> list:
+    """Every model at N = n0 in every mode (GB/s vs V), plus SWEEP_MODEL at the other N of ``sweep``
+    in full mode only (peak memory vs N; full mode is the one that holds the most)."""
+    shapes = [Shape(m, n0, h, v) for m, (h, v) in MODELS.items()]
+    h, v = MODELS[SWEEP_MODEL]
+    shapes += [Shape(SWEEP_MODEL, n, h, v, modes=("full",)) for n in sweep if n != n0]
+    return shapes
+
+
+def cases(shapes: Sequence[Shape], providers: Sequence[str]):
+    """pytest parameters (shape, mode, provider) with readable ids, shape-major."""
+    import pytest
+
+    out = []
+    for s in shapes:
+        for mode in s.modes:
+            for p in providers:
+                out.append(pytest.param(s, mode, p, id=f"{s.id}-{mode}-{p}"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# machine ceilings (measured, never datasheet)
+# ----------------------------------------------------------------------------------------------------
+def _sync():
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def _median_time(fn: Callable, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+@functools.lru_cache(maxsize=None)
+def ceilings() -> Dict[str, float]:
+    """Copy bandwidth (GB/s, bytes read + bytes written) and matmul rate (TFLOP/s) of this machine.
+
+    GPU: a 2 GiB device-to-device copy and a bf16 8192^3 matmul on random data (zeros run faster).
+    CPU: a 256 MiB copy (far above the caches) and a float32 2048^3 matmul, on the threads torch uses.
+    Override with FLOWRL_BENCH_COPY_GBPS / FLOWRL_BENCH_MATMUL_TFLOPS (e.g. values gpu.sh printed).
+    """
+    env_bw, env_mm = os.environ.get("FLOWRL_BENCH_COPY_GBPS"), os.environ.get("FLOWRL_BENCH_MATMUL_TFLOPS")
+    if ON_GPU:
+        nbytes, mm_n, mm_dtype = 2 << 30, 8192, torch.bfloat16
+    else:
+        nbytes, mm_n, mm_dtype = 256 << 20, 2048, torch.float32
+    out = {}
+    if env_bw:
+        out["copy_GBps"] = float(env_bw)
+    else:
+        src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=DEVICE)
+        dst = torch.empty_like(src)
+        t = _median_time(lambda: dst.copy_(src), reps=10 if ON_GPU else 5)
+        out["copy_GBps"] = 2 * nbytes / t / 1e9
+        del src, dst
+    if env_mm:
+        out["matmul_TFLOPs"] = float(env_mm)
+    else:
+        a = torch.randn(mm_n, mm_n, device=DEVICE, dtype=mm_dtype)
+        b = torch.randn(mm_n, mm_n, device=DEVICE, dtype=mm_dtype)
+        t = _median_time(lambda: a @ b, reps=10 if ON_GPU else 3)
+        out["matmul_TFLOPs"] = 2 * mm_n**3 / t / 1e12
+        del a, b
+    out["matmul_dtype"] = str(mm_dtype).replace("torch.", "")
+    if ON_GPU:
+        torch.cuda.empty_cache()
+    return out
+
+
+def _git(*args: str) -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        return ""
+
+
+@functools.lru_cache(maxsize=None)
+def machine() -> Dict[str, object]:
+    """What RESULTS.md prints above every table: the card (or CPU), software versions, ceilings."""
+    info: Dict[str, object] = {
+        "device": torch.cuda.get_device_name() if ON_GPU else (platform.processor() or platform.machine()),
+        "device_type": DEVICE.type,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "dtype": str(DTYPE).replace("torch.", ""),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        # the device tool's copy of the tree has no .git: gpu.sh's caller passes FLOWRL_BENCH_COMMIT
+        "commit": os.environ.get("FLOWRL_BENCH_COMMIT") or _git("rev-parse", "--short", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    if not ON_GPU:
+        try:
+            with open("/proc/cpuinfo") as f:
+                names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+            if names:
+                info["device"] = names[0]
+        except OSError:
+            pass
+    info.update(ceilings())
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------
+# peak memory
+# ----------------------------------------------------------------------------------------------------
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(f.read().split(key + ":")[1].split()[0])
+
+
+def peak_memory(fn: Callable[[], object]) -> Dict[str, int]:
+    """Peak bytes allocated by ``fn`` above what was live when it started (its inputs excluded).
+
+    GPU: ``peak_mem_bytes`` from ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+    CPU, two independent measurements of the same call:
+      peak_mem_bytes  the torch profiler's allocator events (``profile_memory=True`` records every
+                      allocation and free of torch's CPU allocator with a timestamp; their running
+                      sum is the live-bytes curve, its maximum the peak). Never misses a spike between
+                      samples and ignores what glibc does with freed pages; like the CUDA counter it
+                      sees only memory allocated through torch.
+      peak_rss_bytes  Linux's peak RSS: writing "5" to /proc/self/clear_refs resets VmHWM to the
+                      current RSS, so VmHWM - VmRSS(before) is the exact high-water mark of the call
+                      (no sampling), including oneDNN / OpenMP / C++ scratch outside torch. It can
+                      under-count memory glibc reuses from its heap (blocks < 32 MiB), and includes
+                      the profiler's own event buffers (a few MB at most).
+    (Cross-checked by the linear_token_logprobs helper at N=4096, V=49152, where the two agreed.)
+    """
+    if ON_GPU:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return {"peak_mem_bytes": int(peak)}
+    from torch.profiler import ProfilerActivity, profile
+
+    rss0 = None
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        rss0 = _status_kb("VmRSS")
+    except OSError:  # not Linux, or no permission: the allocator number alone
+        pass
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    rss_peak = (_status_kb("VmHWM") - rss0) * 1024 if rss0 is not None else None
+    del out
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    res = {"peak_mem_bytes": int(peak)}
+    if rss_peak is not None:
+        res["peak_rss_bytes"] = int(rss_peak)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# one case
+# ----------------------------------------------------------------------------------------------------
+class Unavailable(Exception):
+    """A provider that cannot run here; the message is the skip reason."""
+
+
+@dataclass
+class Provider:
+    """``fn(**inputs)`` returns a tensor or a tuple of tensors (the outputs that get upstream grads).
+
+    fresh: the provider overwrites its inputs (e.g. Liger writes the gradient into the logits during
+    the forward), so every round gets a fresh clone of the inputs (in setup, untimed).
+    note: what differs from the flowrl_kernels op (e.g. "-logp only, no entropy").
+    skip_on_error: an exception in the first call (torch.compile failing, a peer that does not run on
+    this triton/torch) skips the case with the error as the reason; flowrl_kernels impls never do.
+    """
+    fn: Callable
+    note: str = ""
+    fresh: bool = False
+    skip_on_error: bool = False
+
+
+def _outputs(out) -> tuple:
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    return tuple(o for o in out if isinstance(o, torch.Tensor))
+
+
+def _percentile(sorted_xs: Sequence[float], q: float) -> float:
+    # linear interpolation between closest ranks (numpy's default)
+    pos = (len(sorted_xs) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[str, torch.Tensor]], mode: str,
+             *, info: Dict[str, object], bytes_moved: Optional[Dict[str, float]] = None,
+             flop: Optional[Dict[str, float]] = None, count_ops: bool = False) -> None:
+    """Time ``provider`` on ``make_inputs(requires_grad)`` in ``mode`` and fill ``benchmark.extra_info``.
+
+    bytes_moved / flop: the floor of each mode (bytes that must cross memory, FLOP that must be done).
+    count_ops: also record ``aten_ops``, the ATen ops with a kernel of one timed call (not for
+    compiled providers).
+    """
+    import pytest
+
+    if mode not in MODES + ("step",):
+        raise ValueError(f"mode={mode!r} is not one of {MODES + ('step',)}")
+    grad = mode != "forward"
+    try:
+        base = make_inputs(grad)
+    except torch.OutOfMemoryError as e:  # pragma: no cover - GPU only
+        _free()
+        pytest.skip(f"OOM building the inputs: {str(e).splitlines()[0]}")
+
+    def leaves():
+        if not provider.fresh:
+            for t in base.values():
+                if isinstance(t, torch.Tensor):
+                    t.grad = None
+            return base
+        return {k: (v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+                for k, v in base.items()}
+
+    def upstream(outs):
+        return [torch.randn_like(o) for o in outs]
+
+    if mode == "step":  # a whole training step: fn() does its own forward, backward and update
+        def setup():
+            _sync()
+            return (), {}
+
+        def target():
+            provider.fn()
+            _sync()
+    elif mode == "forward":
+        def setup():
+            inp = leaves()
+            _sync()
+            return (inp,), {}
+
+        def target(inp):
+            with torch.no_grad():
+                out = provider.fn(**inp)
+            _sync()
+            return out
+    elif mode == "backward":
+        def setup():
+            inp = leaves()
+            outs = [o for o in _outputs(provider.fn(**inp)) if o.requires_grad]
+            grads = upstream(outs)
+            _sync()
+            return (outs, grads), {}
+
+        def target(outs, grads):
+            torch.autograd.backward(outs, grads)
+            _sync()
+    else:
+        def setup():
+            inp = leaves()
+            _sync()
+            return (inp,), {}
+
+        def target(inp):
+            outs = [o for o in _outputs(provider.fn(**inp)) if o.requires_grad]
+            torch.autograd.backward(outs, upstream(outs))
+            _sync()
+
+    try:
+        # probe: compiles / autotunes / warms caches, and sizes the rounds
+        t0 = time.perf_counter()
+        try:
+            args, kwargs = setup()
+            t0 = time.perf_counter()
+            target(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            # impl not provided on this device (resolve_impl's ValueError names `impl`) or a peer /
+            # torch.compile that fails here: a skip with the reason, never a silent substitute
+            if provider.skip_on_error or (isinstance(e, ValueError) and "impl" in str(e)):
+                pytest.skip(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+            raise
+        probe = time.perf_counter() - t0
+        del args, kwargs
+        if benchmark.disabled:  # --benchmark-disable: one correctness-style run only
+            return
+        # slow cases (the fp32 reference of the fused lm_head: seconds on a CPU) get fewer rounds
+        min_rounds = MIN_ROUNDS if probe < 0.25 else max(3, MIN_ROUNDS // 2)
+        rounds = int(min(MAX_ROUNDS, max(min_rounds, ROUND_BUDGET_S / max(probe, 1e-6))))
+        # the probe was the warm-up
+        benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=0, iterations=1)
+        args, kwargs = setup()
+        peak = peak_memory(lambda: target(*args, **kwargs))
+        del args, kwargs
+        if not ON_GPU:
+            # CPU: once in a full suite run a call read ~1/4 of its peak on both counters (allocator and
+            # RSS; not reproducible alone), so the CPU peak is the larger of two measured calls
+            args, kwargs = setup()
+            again = peak_memory(lambda: target(*args, **kwargs))
+            del args, kwargs
+            peak = {k: max(v, again.get(k, v)) for k, v in peak.items()}
+        n_ops = None
+        if count_ops:
+            args, kwargs = setup()
+            n_ops = count_aten_ops(lambda: target(*args, **kwargs))
+            del args, kwargs
+    except torch.OutOfMemoryError as e:  # pragma: no cover - GPU only
+        del base
+        _free()
+        pytest.skip(f"OOM: {str(e).splitlines()[0]}")
+
+    data = sorted(benchmark.stats.stats.data)
+    med = _percentile(data, 0.5)
+    ceil = ceilings()
+    ei = benchmark.extra_info
+    ei.update(info)
+    ei.setdefault("dtype", str(DTYPE).replace("torch.", ""))
+    ei.update(mode=mode, rounds=len(data),
+              p20_ms=_percentile(data, 0.2) * 1e3, median_ms=med * 1e3, p80_ms=_percentile(data, 0.8) * 1e3,
+              **peak, copy_GBps=ceil["copy_GBps"], matmul_TFLOPs=ceil["matmul_TFLOPs"])
+    if provider.note:
+        ei["note"] = provider.note
+    if n_ops is not None:
+        ei["aten_ops"] = n_ops
+    if bytes_moved is not None:
+        b = bytes_moved[mode]
+        ei["bytes_floor"] = b
+        ei["GBps"] = b / med / 1e9
+        ei["pct_floor"] = 100.0 * (b / (ceil["copy_GBps"] * 1e9)) / med
+    if flop is not None:
+        f = flop[mode]
+        ei["flop"] = f
+        ei["TFLOPs"] = f / med / 1e12
+        ei["pct_matmul"] = 100.0 * ei["TFLOPs"] / ceil["matmul_TFLOPs"]
+    del base
+    _free()
+
+
+def _free():
+    if ON_GPU:
+        torch.cuda.empty_cache()
+
+
+def labels_for(N: int, V: int, ignore_frac: float = 0.05, ignore_index: int = -100) -> torch.Tensor:
+    """Random labels with a few ignored positions (prompt tokens / padding in real batches)."""
+    lab = torch.randint(0, V, (N,), device=DEVICE)
+    lab[torch.rand(N, device=DEVICE) < ignore_frac] = ignore_index
+    return lab
+
+
+# ----------------------------------------------------------------------------------------------------
+# flowrl_kernels providers
+# ----------------------------------------------------------------------------------------------------
+def fk_op(name: str, impl: str) -> Callable:
+    """``flowrl_kernels.<name>`` bound to ``impl``, or ``Unavailable`` with the reason."""
+    import flowrl_kernels
+    from flowrl_kernels import _utils
+
+    op = getattr(flowrl_kernels, name, None)
+    if op is None:
+        raise Unavailable(f"flowrl_kernels.{name} is not in this checkout")
+    if impl == "triton":
+        if not ON_GPU:
+            raise Unavailable("impl='triton' runs on CUDA only (the interpreter is never benchmarked)")
+        if _utils.triton_interpret():
+            raise Unavailable("TRITON_INTERPRET is set: the interpreter is never benchmarked")
+        if not _utils.triton_available():
+            raise Unavailable("triton is not importable")
+    if impl == "native" and not _utils.native_available():
+        raise Unavailable("native extension flowrl_kernels._C is not built (native_available() is False)")
+    return op
+
+
+_COMPILED: Dict[object, Callable] = {}
+
+
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn, dynamic=True)``, one per function for the whole session: dynamic shapes let
+    one graph serve every N (and V), so the suite pays each compile once, in the probe call."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch counts (small-tensor ops are bound by launches, not bytes)
+# ----------------------------------------------------------------------------------------------------
+# ATen ops that launch no kernel: metadata / allocation only
+NO_KERNEL = {"empty", "empty_strided", "view", "_unsafe_view", "as_strided", "expand", "detach", "alias",
+             "t", "transpose", "unsqueeze", "squeeze", "select", "slice", "permute", "lift_fresh"}
+
+
+def count_aten_ops(fn: Callable[[], object]) -> int:
+    """ATen ops with a kernel that one call of ``fn`` dispatches (a TorchDispatchMode counter; custom
+    ops such as a Triton launch or a native op count as one). Not for torch.compile'd code: a dispatch
+    mode makes dynamo fall back to eager."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Counter(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in NO_KERNEL:
+                _Counter.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Counter():
+        fn()
+    return _Counter.n
