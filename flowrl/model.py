@@ -211,9 +211,10 @@ class Policy(nn.Module):
                                     return_entropy=entropy, impl=self.kernel_impl)
         finally:
             hook.remove()
-        # [B, P+R] aligned with input_ids -> the [B, R] response columns
+        # [B, P+R] aligned with input_ids -> the [B, R] response columns; cloned (B*R floats) because
+        # FSDP2 warns on view outputs: an in-place op on one would skip its pre-backward hook
         res = res if entropy else (res,)
-        out = dict(zip(("logp", "entropy"), (r[:, prompt_len:] for r in res)))
+        out = dict(zip(("logp", "entropy"), (r[:, prompt_len:].clone() for r in res)))
         return out, captured[0]
 
     def _logits_logprobs(self, input_ids, attention_mask, labels, prompt_len, temperature, entropy):
