@@ -32,8 +32,8 @@ from bench.common import (DEVICE, DTYPE, MODELS, ON_GPU, Provider, Shape, Unavai
 N0 = int(os.environ.get("FLOWRL_BENCH_LINEAR_N", 8192 if ON_GPU else 16))
 # Peak memory vs N, full mode only. GPU: the largest vocab around N0. CPU: SmolLM2 (the model the CPU
 # trainer runs) at N where the chunked torch path (64 MiB of fp32 logits = 341 rows per chunk) has
-# 1, 2 and 3 chunks (N = 128, 384, 768) while the reference's [N, V] fp32 tensors keep growing (folded from the linear
-# helper's bench_linear_token_logprobs_memory.py, which measured N=4096: chunked <= 10% of naive).
+# 1, 2 and 3 chunks (N = 128, 384, 768) while the reference's [N, V] fp32 tensors keep growing. The
+# issue's N=4096 point (chunked <= 10% of naive) is measured by bench_linear_token_logprobs_memory.py.
 # CPU: Llama-3-8B is left out of the fused linear (its H and V lie between the other two; each of its
 # cases took ~15 s on 1 core and the CPU suite must stay under 10 minutes).
 SHAPES = [Shape(m, N0, h, v) for m, (h, v) in MODELS.items() if ON_GPU or m != "llama3-8b"]
