@@ -204,7 +204,7 @@ def due(step: int, every: int, last: int) -> bool:
 def main(argv=None) -> None:
     cfg = config.load(argv)  # every config error is raised here, before anything is built
     env = distributed.init(cfg.run.cpu_threads)
-    metrics = None
+    metrics, graceful = None, True
     try:
         cfg.check_world(env.world_size)
         resume = prepare_run_dir(cfg, env)
@@ -245,7 +245,8 @@ def main(argv=None) -> None:
         if cfg.run.plots and env.is_main:
             from flowrl import plot
             plot.plot_runs([cfg.run_dir], cfg.run_dir / "curves.png")
-    except Exception:
+    except BaseException:
+        graceful = False
         print(f"[flowrl] rank {env.rank} failed", file=sys.stderr, flush=True)
         raise
     else:
@@ -256,7 +257,7 @@ def main(argv=None) -> None:
     finally:
         if metrics is not None:
             metrics.close()
-        distributed.cleanup()
+        distributed.cleanup(graceful)
 
 
 if __name__ == "__main__":
