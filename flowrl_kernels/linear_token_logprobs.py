@@ -71,6 +71,31 @@ _TORCH_CHUNK_BYTES = 64 * 2**20
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
+def _logits_tile(
+    h_ptr, w_ptr, b_ptr, rows64, row_ok, cols64, col_ok, H, stride_hn, stride_wv,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+):
+    """[BLOCK_N, BLOCK_V] fp32 tile of hidden @ weight.T (+ bias), accumulated over H in BLOCK_H steps;
+    shared by the forward and the backward's recompute (inlined by the compiler)."""
+    offs_h = tl.arange(0, BLOCK_H)
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k in range(0, H, BLOCK_H):
+        ks = k + offs_h
+        k_ok = ks < H
+        a = tl.load(h_ptr + rows64[:, None] * stride_hn + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + cols64[None, :] * stride_wv + ks[:, None],
+                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST_OPERANDS:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols64, mask=col_ok, other=0.0)[None, :]
+    return acc
+
+
+@triton.jit
 def _linear_logprobs_fwd_kernel(
     # data ptrs
     h_ptr, w_ptr, b_ptr, labels_ptr, ws_ptr,
@@ -96,7 +121,6 @@ def _linear_logprobs_fwd_kernel(
     # int32 compare against int32 columns: an int64 [BLOCK_N, BLOCK_V] compare costs 2 registers per
     # element, and the 128 x 128 tile already sits at ~250 of the 255 registers (fp16 spilled before)
     label = tl.load(labels_ptr + rows64, mask=row_ok, other=-1).to(tl.int32)
-    offs_h = tl.arange(0, BLOCK_H)
     offs_v = tl.arange(0, BLOCK_V)
 
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -109,19 +133,8 @@ def _linear_logprobs_fwd_kernel(
         cols = t * BLOCK_V + offs_v
         col_ok = cols < V
         cols64 = cols.to(tl.int64)
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for k in range(0, H, BLOCK_H):
-            ks = k + offs_h
-            k_ok = ks < H
-            a = tl.load(h_ptr + rows64[:, None] * stride_hn + ks[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_ptr + cols64[None, :] * stride_wv + ks[:, None],
-                        mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-            if UPCAST_OPERANDS:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols64, mask=col_ok, other=0.0)[None, :]
+        acc = _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_ok, cols64, col_ok, H, stride_hn, stride_wv,
+                           HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_OPERANDS)
         x = tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
         xt += tl.sum(tl.where(cols[None, :] == label[:, None], x, 0.0), axis=1)
         # every tile has >= 1 valid column, so m_new is finite after the first tile
@@ -211,21 +224,9 @@ def _linear_logprobs_bwd_kernel(
     col_ok = cols < V
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
-    offs_h = tl.arange(0, BLOCK_H)
 
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for k in range(0, H, BLOCK_H):
-        ks = k + offs_h
-        k_ok = ks < H
-        a = tl.load(h_ptr + rows64[:, None] * stride_hn + ks[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + cols64[None, :] * stride_wv + ks[:, None],
-                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        if UPCAST_OPERANDS:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols64, mask=col_ok, other=0.0)[None, :]
+    acc = _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_ok, cols64, col_ok, H, stride_hn, stride_wv,
+                       HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_OPERANDS)
 
     label = tl.load(labels_ptr + rows64, mask=row_ok, other=0)
     valid = row_ok & (label != ignore_index)
