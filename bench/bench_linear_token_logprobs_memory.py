@@ -37,7 +37,7 @@ _CHILD = r'''
 import gc, json, sys
 import torch
 from flowrl_kernels import reference
-from flowrl_kernels.linear_token_logprobs import linear_token_logprobs
+from flowrl_kernels.ops.linear_token_logprobs import linear_token_logprobs
 
 which, N, H, V, out_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 torch.manual_seed(0)
@@ -130,7 +130,7 @@ def test_peak_memory_chunked_vs_naive(benchmark):
     print("\n" + json.dumps(info, indent=1))
 
     # time one chunked forward + backward in this process (a benchmark needs a timed call)
-    from flowrl_kernels.linear_token_logprobs import linear_token_logprobs
+    from flowrl_kernels.ops.linear_token_logprobs import linear_token_logprobs
     torch.manual_seed(0)
     hidden = torch.randn(N, H, requires_grad=True)
     weight = (torch.randn(V, H) * (2.0 / H**0.5)).requires_grad_(True)

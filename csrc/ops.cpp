@@ -1,7 +1,7 @@
 // flowrl_kernels._C: op schemas (namespace flowrl_kernels_native, see CONTRACTS.md), the CPU and Meta
 // implementations, and the Python module object. The CUDA implementations live in cuda_bindings.cpp
 // (compiled only when torch has CUDA and nvcc is found). Autograd is done in Python
-// (flowrl_kernels/token_logprobs.py, flowrl_loss.py): these ops are plain forward / backward kernels.
+// (flowrl_kernels/ops/token_logprobs.py, ops/flowrl_loss.py): these ops are plain forward / backward kernels.
 #include <Python.h>
 
 #include <ATen/Version.h>

@@ -3,18 +3,25 @@
 Every op has a pure-PyTorch spec in ``flowrl_kernels.reference`` and takes ``impl=None|"torch"|
 "triton"|"native"`` (default: triton on CUDA, the native C++ extension on CPU when built, else torch;
 env var ``FLOWRL_KERNELS_IMPL`` overrides the default).
+
+Layout: the public functions live here; each op's kernels, launcher and autograd are one module under
+``flowrl_kernels.ops`` (``ops.token_logprobs``, ``ops.linear_token_logprobs``, ``ops.flowrl_loss``,
+``ops.grpo_loss``, ``ops.sequence``), so ``flowrl_kernels.token_logprobs`` is always the function.
+Importing the package does not need triton (Linux-only wheels): without it, ``impl="triton"`` is
+refused with a clear error and the default falls back to native / torch.
 """
-from . import reference
+from . import ops, reference
 from ._utils import native_available
-from .token_logprobs import token_logprobs
-from .flowrl_loss import flowrl_loss
-from .grpo_loss import grpo_loss
-from .sequence import group_normalize, importance_weights, masked_mean, seq_log_ratio
-from .linear_token_logprobs import linear_token_logprobs
+from .ops.flowrl_loss import flowrl_loss
+from .ops.grpo_loss import grpo_loss
+from .ops.linear_token_logprobs import linear_token_logprobs
+from .ops.sequence import group_normalize, importance_weights, masked_mean, seq_log_ratio
+from .ops.token_logprobs import token_logprobs
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ops",
     "reference",
     "native_available",
     "token_logprobs",

@@ -104,7 +104,7 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     layout. Differentiable w.r.t. the model's parameters. One host sync per call (the number of
     response tokens, to compact the rows the kernel sees).
     """
-    from . import linear_token_logprobs
+    from .ops.linear_token_logprobs import linear_token_logprobs
     from ._utils import check_temperature
 
     temperature = check_temperature(temperature)

@@ -23,11 +23,11 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _SCRIPT = r'''
-import importlib, json, os, subprocess, sys, tempfile
+import json, os, subprocess, sys, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-m = importlib.import_module("flowrl_kernels.token_logprobs")
+import flowrl_kernels.ops.token_logprobs as m
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 TD = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
 

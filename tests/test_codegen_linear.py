@@ -17,12 +17,12 @@ import pytest
 pytest.importorskip("triton")
 
 _SCRIPT = r'''
-import collections, importlib, json, os, re, subprocess, sys, tempfile
+import collections, json, os, re, subprocess, sys, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-M = importlib.import_module("flowrl_kernels.linear_token_logprobs")
+import flowrl_kernels.ops.linear_token_logprobs as M
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 ALIGNED_INTS = {"H", "stride_hn", "stride_wv", "stride_dzn"}

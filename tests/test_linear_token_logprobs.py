@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flowrl_kernels import reference
-from flowrl_kernels.linear_token_logprobs import linear_token_logprobs
+from flowrl_kernels.ops.linear_token_logprobs import linear_token_logprobs
 from helpers import assert_no_worse_than_torch
 
 IMPLS = ["torch", "triton"]

@@ -2,7 +2,6 @@
 
 Bound (tests/helpers.py): kernel error vs float64 <= 2 x PyTorch's error at the same dtype + 8 ulps.
 """
-import importlib
 import inspect
 
 import pytest
@@ -13,7 +12,7 @@ from flowrl_kernels import reference, token_logprobs
 from flowrl_kernels._utils import native_has
 from helpers import assert_no_worse_than_torch
 
-tlp_mod = importlib.import_module("flowrl_kernels.token_logprobs")  # the package attr is the function
+import flowrl_kernels.ops.token_logprobs as tlp_mod
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -265,6 +264,8 @@ def test_validate_and_float64_torch(device):
     y[0] = -100
     lp = token_logprobs(x.double(), y, impl="torch", validate=True)  # float64 is fine for the reference
     assert lp.dtype == torch.float64 and lp[0] == 0
+    # the default (impl=None) takes the float64 path instead of refusing float64 logits
+    assert torch.equal(token_logprobs(x.double(), y), lp)
     y[1] = 99
     with pytest.raises(ValueError, match="outside"):
         token_logprobs(x, y, impl="torch", validate=True)

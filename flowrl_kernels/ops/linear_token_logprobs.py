@@ -35,10 +35,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
-from ._utils import (check_labels_in_range, check_same_device, check_temperature, check_tensor, empty,
+from .._triton_compat import tl, triton
+from .._utils import (check_labels_in_range, check_same_device, check_temperature, check_tensor, empty,
                      resolve_impl, triton_interpret)
 
 # Tiles on the GPU: 128 x 128 logits per program with 64-wide (bf16/fp16) or 32-wide (fp32) H steps.

@@ -19,11 +19,10 @@ from __future__ import annotations
 from typing import Optional, Tuple, Union
 
 import torch
-import triton
-import triton.language as tl
 
-from . import reference
-from ._utils import (
+from .._triton_compat import tl, triton
+from .. import reference
+from .._utils import (
     INDEX_DTYPES,
     check_labels_in_range,
     check_same_device,
@@ -384,8 +383,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
         temperature: runtime float > 0 applied to logp AND entropy (a new value does not recompile).
         return_entropy: also return H(softmax(logits / T)) per position.
         impl: "triton" (default for CUDA tensors), "native" (C++ extension, default on CPU when built),
-            "torch" (flowrl_kernels.reference, otherwise the CPU default); env FLOWRL_KERNELS_IMPL
-            overrides the default.
+            "torch" (flowrl_kernels.reference, otherwise the CPU default, and always the default for
+            float64 logits); env FLOWRL_KERNELS_IMPL overrides the default.
         validate: full label range check on GPU tensors (one device sync). CPU tensors are always
             checked; unchecked out-of-range labels give NaN log-probs (the kernel never reads them).
 
@@ -410,7 +409,9 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     temperature = check_temperature(temperature)
     if not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be a Python int, got {type(ignore_index).__name__}.")
-    impl = resolve_impl(impl, device, native_op="token_logprobs_fwd")
+    # float64 logits (gradchecks, references) default to the float64 torch path, like flowrl_loss
+    impl = "torch" if impl is None and logits.dtype == torch.float64 else resolve_impl(
+        impl, device, native_op="token_logprobs_fwd")
     if impl != "torch" and logits.dtype == torch.float64:
         raise ValueError(f"logits has dtype float64, which impl={impl!r} does not support; use impl='torch' "
                          "or cast logits to float32.")

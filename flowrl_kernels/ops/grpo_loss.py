@@ -10,8 +10,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import reference
-from ._utils import check_same_device, check_same_shape, check_tensor, resolve_impl
+from .. import reference
+from .._utils import check_same_device, check_same_shape, check_tensor, resolve_impl
 from .flowrl_loss import LOGP_DTYPES, check_logp_mask
 
 REDUCTIONS = ("token_mean", "seq_mean", "sum", "none")

@@ -17,8 +17,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import reference
-from ._utils import check_same_device, check_same_shape, check_tensor, resolve_impl
+from .. import reference
+from .._utils import check_same_device, check_same_shape, check_tensor, resolve_impl
 from .flowrl_loss import (IMPORTANCE_CODES, LOGP_DTYPES, MASK_DTYPES, _fast_impl, _flowrl_loss_fwd_native,
                           _flowrl_loss_fwd_triton, _kernel_mask, _rows, check_clip, check_logp_mask)
 

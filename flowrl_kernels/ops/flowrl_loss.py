@@ -15,11 +15,10 @@ import math
 from typing import Dict, Optional, Tuple
 
 import torch
-import triton
-import triton.language as tl
 
-from . import reference
-from ._utils import check_same_device, check_same_shape, check_tensor, empty, resolve_impl, triton_interpret
+from .._triton_compat import tl, triton
+from .. import reference
+from .._utils import check_same_device, check_same_shape, check_tensor, empty, resolve_impl, triton_interpret
 
 # ----------------------------------------------------------------------------------------------------
 # constants
