@@ -158,3 +158,18 @@ def test_tiny_setting_smoke(tmp_path):
     saved = json.loads((tmp_path / "diversity_tiny.json").read_text())
     assert saved["runs"][0]["history"] == res["runs"][0]["history"]
     assert "± " in (tmp_path / "diversity_tiny_table.md").read_text()
+
+
+def test_table_paired_row():
+    """The table's per-method mean ± std and the seed-paired FlowRL - GRPO row, on hand-made finals."""
+    acc = {("flowrl", 0): 0.5, ("grpo", 0): 0.2, ("flowrl", 1): 0.3, ("grpo", 1): 0.4, ("flowrl", 2): 0.9,
+           ("grpo", 2): 0.3}
+    runs = [{"algo": a, "seed": s, "history": [{"step": 0, "acc": 0.0}, {"step": 5, "acc": v}]}
+            for (a, s), v in acc.items()]
+    md = exp.table({"runs": runs}).splitlines()
+    assert md[2].startswith("| flowrl (n=3) | 0.567 ± 0.306 |")  # mean 1.7 / 3, sample std 0.306
+    assert md[3].startswith("| grpo (n=3) | 0.300 ± 0.100 |")
+    # differences +0.3, -0.1, +0.6: mean 0.267, sample std 0.351, s.e. 0.351 / sqrt(3) = 0.203, 2 of 3 > 0
+    assert md[4].endswith("| +0.267 ± 0.203 (2/3) |"), md[4]
+    # one method only: no paired row
+    assert len(exp.table({"runs": [r for r in runs if r["algo"] == "flowrl"]}).splitlines()) == 3
