@@ -148,8 +148,9 @@ def test_enumeration_matches_the_models_own_logits(tok):
 def test_tiny_setting_smoke(tmp_path):
     """Two training steps per method from a briefly fine-tuned init: every metric is finite and in range."""
     res = exp.main(["tiny", "--seeds", "0", "--steps", "2", "--eval-every", "1", "--pretrain-steps", "3",
-                    "--eval-samples", "4", "--layers", "1", "--hidden", "16", "--out", str(tmp_path), "--no-plots"])
-    assert [r["algo"] for r in res["runs"]] == ["flowrl", "grpo"]
+                    "--eval-samples", "4", "--layers", "1", "--hidden", "16", "--out", str(tmp_path), "--no-plots",
+                    "--methods", "flowrl", "grpo", "flowrl-raw"])
+    assert [r["algo"] for r in res["runs"]] == ["flowrl", "grpo", "flowrl-raw"]
     for r in res["runs"]:
         assert [h["step"] for h in r["history"]] == [0, 1, 2]
         for h in r["history"]:
@@ -173,3 +174,29 @@ def test_table_paired_row():
     assert md[4].endswith("| +0.267 ± 0.203 (2/3) |"), md[4]
     # one method only: no paired row
     assert len(exp.table({"runs": [r for r in runs if r["algo"] == "flowrl"]}).splitlines()) == 3
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_rl_step_reward_given_to_the_loss(monkeypatch, raw):
+    """flowrl-raw hands FlowRL the raw rewards; flowrl (and grpo) the group z-score."""
+    args = exp.parse_args(["tiny", "--layers", "1", "--hidden", "16", "--group-size", "4", "--micro-batch-size", "8"])
+    sections = dict(model={"path": "tiny-llama", "tiny_layers": 1, "tiny_hidden": 16}, task={"name": "synthetic"})
+    cfg = exp.make_config(args, "flowrl-raw" if raw else "flowrl", 0, **sections)
+    assert cfg.algo.name == "flowrl"
+    policy, ref, tok = exp.build_policy(cfg)
+    opt, sched = exp.train.build_optimizer(policy, cfg)
+    task = exp.DigitSumTask(tok, 2, [5, 9])
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])  # 2 prompts x G=4
+    seen = []
+    real = exp.algorithms.objective
+
+    def spy(out, old_logp, ref_logp, r_hat, *a, **k):
+        seen.append(r_hat.clone())
+        return real(out, old_logp, ref_logp, r_hat, *a, **k)
+
+    monkeypatch.setattr(exp.algorithms, "objective", spy)
+    exp.rl_step(policy, ref, tok, opt, sched, cfg, [task.messages(5), task.messages(9)], lambda b: rewards,
+                raw_reward=raw)
+    got = torch.cat(seen)
+    want = rewards if raw else exp.algorithms.normalized_rewards(rewards, 4)
+    assert torch.equal(got, want) and (raw or not torch.equal(got, rewards))

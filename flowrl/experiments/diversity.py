@@ -54,6 +54,7 @@ MALFORMED = "<malformed>"
 # at ~1e-6 nats and is far below any real malformed mass (the fine-tuned init has ~1e-3).
 MALFORMED_FLOOR = 1e-12
 CPU = torch.device("cpu")
+COLORS = {"flowrl": "tab:blue", "grpo": "tab:red", "flowrl-raw": "tab:green"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,12 +153,14 @@ def sampled_metrics(answers: List[List[Optional[str]]], correct: List[List[bool]
 # shared training step (the trainer's pieces, single process, one update per rollout batch)
 # ----------------------------------------------------------------------------------------------------
 def rl_step(policy, ref, tok, opt, sched, cfg: config.Config, messages: List[list],
-            score: Callable[[rollout.Batch], torch.Tensor]) -> Dict[str, float]:
+            score: Callable[[rollout.Batch], torch.Tensor], *, raw_reward: bool = False) -> Dict[str, float]:
     G = cfg.rollout.group_size
     batch = rollout.generate(policy, tok, messages, n=G, max_new_tokens=cfg.rollout.max_new_tokens,
                              temperature=cfg.rollout.temperature, top_p=1.0, top_k=0, device=CPU)
     rewards = score(batch).float()
-    r_hat = algorithms.normalized_rewards(rewards, G)
+    # raw_reward ("flowrl-raw"): FlowRL matches pi_ref exp(beta r) with the raw r, a fixed target, instead of
+    # the group z-score r_hat (which depends on the rest of the group; all-correct groups get r_hat = 0)
+    r_hat = rewards if raw_reward else algorithms.normalized_rewards(rewards, G)
     ref_logp = train.forward_logp(ref, batch, cfg) if ref is not None else None
     B, mask, mb = len(batch), batch.response_mask, cfg.train.micro_batch_size
     n_tok = int(mask.sum())
@@ -182,7 +185,8 @@ def rl_step(policy, ref, tok, opt, sched, cfg: config.Config, messages: List[lis
 
 
 def make_config(args, algo: str, seed: int, **sections) -> config.Config:
-    data = {"run": {"seed": seed}, "algo": {"name": algo, "beta": args.beta},
+    """Trainer config of one run; ``algo`` is a method name ('flowrl-raw' is the 'flowrl' objective)."""
+    data = {"run": {"seed": seed}, "algo": {"name": algo.split("-")[0], "beta": args.beta},
             "optim": {"lr": args.lr, "grad_clip": 1.0}, "logz": {"lr": args.logz_lr},
             "rollout": {"prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
                         "max_new_tokens": args.max_new_tokens},
@@ -285,7 +289,8 @@ def run_tiny(args) -> dict:
                     resp = batch.input_ids[:, batch.prompt_len:].tolist()
                     return torch.tensor([float(task.correct(sums[i // G], task.parse(r))) for i, r in enumerate(resp)])
 
-                rl_step(policy, ref, tok, opt, sched, cfg, [task.messages(s) for s in sums], score)
+                rl_step(policy, ref, tok, opt, sched, cfg, [task.messages(s) for s in sums], score,
+                        raw_reward=algo == "flowrl-raw")
                 if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
                     dists = evaluate(step + 1)
             results["runs"].append({"algo": algo, "seed": seed, "history": history, "final_dists": dists})
@@ -342,7 +347,8 @@ def run_countdown(args) -> dict:
                     G = cfg.rollout.group_size
                     return torch.tensor([train_task.reward(problems[i // G], t) for i, t in enumerate(batch.texts)])
 
-                st = rl_step(policy, ref, tok, opt, sched, cfg, [train_task.messages(p) for p in problems], score)
+                st = rl_step(policy, ref, tok, opt, sched, cfg, [train_task.messages(p) for p in problems], score,
+                             raw_reward=algo == "flowrl-raw")
                 print(f"[diversity] {algo} seed {seed} step {step + 1}: {fmt(st)}", flush=True)
                 if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
                     evaluate(step + 1)
@@ -374,17 +380,19 @@ def table(results: dict) -> str:
             cells.append(f"{statistics.mean(v):.3f} ± {sd:.3f}")
         lines.append(f"| {algo} (n={len(finals)}) | " + " | ".join(cells) + " |")
     # Both methods share each seed's init, prompt order and log Z init, so the per-seed difference is the
-    # sharper comparison: mean ± standard error of (flowrl - grpo), and in how many seeds flowrl is higher.
+    # sharper comparison: mean ± standard error of (method - grpo), and in how many seeds the method is higher.
     by_seed = {(r["algo"], r["seed"]): r["history"][-1] for r in results["runs"]}
-    seeds = [s for s in dict.fromkeys(r["seed"] for r in results["runs"])
-             if ("flowrl", s) in by_seed and ("grpo", s) in by_seed]
-    if len(seeds) > 1:
+    for algo in dict.fromkeys(r["algo"] for r in results["runs"]):
+        seeds = [s for s in dict.fromkeys(r["seed"] for r in results["runs"])
+                 if algo != "grpo" and (algo, s) in by_seed and ("grpo", s) in by_seed]
+        if len(seeds) < 2:
+            continue
         cells = []
         for k in keys:
-            d = [by_seed["flowrl", s][k] - by_seed["grpo", s][k] for s in seeds]
+            d = [by_seed[algo, s][k] - by_seed["grpo", s][k] for s in seeds]
             se = statistics.stdev(d) / math.sqrt(len(d))
             cells.append(f"{statistics.mean(d):+.3f} ± {se:.3f} ({sum(x > 0 for x in d)}/{len(d)})")
-        lines.append(f"| flowrl - grpo, paired (mean ± s.e., # seeds > 0) | " + " | ".join(cells) + " |")
+        lines.append(f"| {algo} - grpo, paired (mean ± s.e., # seeds > 0) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -398,7 +406,6 @@ def plot(results: dict, out: Path, name: str) -> List[Path]:
             [("accuracy", "Avg@n"), ("pass_at_n", "pass@n"), ("distinct_correct", "distinct correct"),
              ("answer_entropy", "answer entropy (nats)")])
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
-    colors = {"flowrl": "tab:blue", "grpo": "tab:red"}
     for ax, (k, title) in zip(axes, keys):
         for algo in dict.fromkeys(r["algo"] for r in results["runs"]):
             hs = [r["history"] for r in results["runs"] if r["algo"] == algo]
@@ -406,8 +413,8 @@ def plot(results: dict, out: Path, name: str) -> List[Path]:
             vals = torch.tensor([[h[k] for h in hist] for hist in hs], dtype=torch.float64)
             m = vals.mean(0)
             sd = vals.std(0) if len(hs) > 1 else torch.zeros_like(m)
-            ax.plot(steps, m, color=colors.get(algo), label=f"{algo} (mean of {len(hs)})")
-            ax.fill_between(steps, m - sd, m + sd, color=colors.get(algo), alpha=0.2)
+            ax.plot(steps, m, color=COLORS.get(algo), label=f"{algo} (mean of {len(hs)})")
+            ax.fill_between(steps, m - sd, m + sd, color=COLORS.get(algo), alpha=0.2)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         if k == "exact_kl":
@@ -437,7 +444,7 @@ def histogram(results: dict, out: Path, plt) -> Path:
         if r["seed"] == seed:
             d = r["final_dists"][j]
             series.append((f"{r['algo']} (acc {sum(d[y] for y in correct):.2f})", [d[y] for y in correct],
-                           {"flowrl": "tab:blue", "grpo": "tab:red"}.get(r["algo"])))
+                           COLORS.get(r["algo"])))
     fig, ax = plt.subplots(figsize=(max(6, 0.13 * len(correct) * len(series)), 3.4))
     w = 0.8 / len(series)
     for i, (label, v, c) in enumerate(series):
@@ -459,7 +466,9 @@ def parse_args(argv=None):
     p.add_argument("setting", choices=["tiny", "countdown"])
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="tiny: 0..9 (10 seeds, ~3 min on 2 idle cores), countdown: 0 (~28 min per seed)")
-    p.add_argument("--methods", nargs="+", default=["flowrl", "grpo"], choices=["flowrl", "grpo"])
+    p.add_argument("--methods", nargs="+", default=["flowrl", "grpo"], choices=["flowrl", "grpo", "flowrl-raw"],
+                   help="flowrl-raw: the FlowRL loss on the raw reward r instead of the group z-score r_hat "
+                        "(an ablation: its trajectory-balance target is exactly p*)")
     p.add_argument("--steps", type=int, default=None, help="tiny: 300, countdown: 12")
     p.add_argument("--lr", type=float, default=None, help="policy lr (tiny: 5e-4, countdown: 1e-5)")
     p.add_argument("--logz-lr", type=float, default=None, help="log Z head lr (tiny: 1e-2, countdown: 1e-3)")
