@@ -130,8 +130,27 @@ def test_token_logprobs_edge_rows():
     empty = ops().token_logprobs_fwd(torch.randn(0, V), torch.zeros(0, dtype=torch.long), 1.0, True, IGNORE)
     assert all(t.shape == (0,) for t in empty)
 
-    with pytest.raises(RuntimeError, match="outside"):
-        ops().token_logprobs_fwd(x, torch.tensor([0, 1, V, 3]), 1.0, False, IGNORE)
+    for bad in (V + 1, -1):  # V itself is the vocab-shard sentinel (below); anything else is refused
+        with pytest.raises(RuntimeError, match="outside"):
+            ops().token_logprobs_fwd(x, torch.tensor([0, 1, bad, 3]), 1.0, False, IGNORE)
+        with pytest.raises(RuntimeError, match="outside"):
+            ops().token_logprobs_bwd(x, torch.tensor([0, 1, bad, 3]), torch.zeros(N), torch.zeros(N), torch.ones(N),
+                                     None, 1.0, IGNORE)
+    # label == V: "the target is in another vocab shard" (tensor-parallel vocab): logp NaN, lse and
+    # entropy as for any row, and no one-hot term in the backward
+    lab = torch.tensor([0, V, 2, V])
+    lp, lse, ent = ops().token_logprobs_fwd(x, lab, 1.0, True, IGNORE)
+    assert torch.isnan(lp[1]) and torch.isnan(lp[3]) and torch.isfinite(lp[[0, 2]]).all()
+    want_lse = torch.logsumexp(x.double(), -1)
+    assert torch.allclose(lse.double(), want_lse, rtol=0, atol=1e-5)
+    assert torch.allclose(ent.double(), reference.token_logprobs(x.double(), torch.zeros(N, dtype=torch.long),
+                                                                 return_entropy=True)[1], rtol=0, atol=1e-5)
+    gl = torch.randn(N)
+    g = ops().token_logprobs_bwd(x, lab, lse, ent, gl, None, 1.0, IGNORE)
+    want = -torch.softmax(x.double(), -1) * gl.double()[:, None]
+    want[0, 0] += gl[0]
+    want[2, 2] += gl[2]
+    assert torch.allclose(g.double(), want, rtol=0, atol=1e-6)
     with pytest.raises(RuntimeError, match="unit stride"):
         ops().token_logprobs_fwd(torch.randn(V, N).t(), y, 1.0, False, IGNORE)
 

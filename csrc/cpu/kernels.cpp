@@ -84,8 +84,10 @@ void token_logprobs_fwd_rows(const T* logits, int64_t row_stride, const int64_t*
     const T* x = logits + i * row_stride;
     const int64_t label = labels[i * label_stride];
     const bool valid = label != ignore_index;
-    TORCH_CHECK(!valid || (label >= 0 && label < V), "flowrl_kernels_native.token_logprobs_fwd: label ",
-                label, " at row ", i, " is outside [0, ", V, ") and not ignore_index=", ignore_index);
+    // label == V: the target is in another vocab shard (tensor-parallel vocab): lse and entropy as
+    // usual, logp NaN (the caller takes the target logit from the shard that holds it)
+    TORCH_CHECK(!valid || (label >= 0 && label <= V), "flowrl_kernels_native.token_logprobs_fwd: label ",
+                label, " at row ", i, " is outside [0, ", V, "] and not ignore_index=", ignore_index);
     float m = -kInf;      // running max of z
     double S = 0., Wz = 0.;  // sum e^(z-m), sum (z-m) e^(z-m): across-chunk totals in double
     for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
@@ -137,7 +139,8 @@ void token_logprobs_fwd_rows(const T* logits, int64_t row_stride, const int64_t*
     const double logS = std::log(S);
     lse_out[i] = static_cast<float>(m + logS);
     if (valid) {
-      const double zl = std::fma(static_cast<float>(x[label]), inv_t, -m);
+      const double zl = label < V ? std::fma(static_cast<float>(x[label]), inv_t, -m)
+                                  : std::numeric_limits<double>::quiet_NaN();
       logp_out[i] = static_cast<float>(zl - logS);
       if (ent_out) ent_out[i] = static_cast<float>(logS - Wz / S);
     } else {
@@ -165,8 +168,9 @@ void token_logprobs_bwd_rows(const T* logits, int64_t row_stride, const int64_t*
       for (; j < V; ++j) g[j] = T(0.f);
       continue;
     }
-    TORCH_CHECK(label >= 0 && label < V, "flowrl_kernels_native.token_logprobs_bwd: label ", label,
-                " at row ", i, " is outside [0, ", V, ") and not ignore_index=", ignore_index);
+    // label == V: the target is in another vocab shard, so no [j == label] term in this one
+    TORCH_CHECK(label >= 0 && label <= V, "flowrl_kernels_native.token_logprobs_bwd: label ", label,
+                " at row ", i, " is outside [0, ", V, "] and not ignore_index=", ignore_index);
     const float gl = grad_logp[i];
     const float ge = grad_entropy ? grad_entropy[i] : 0.f;
     // skip H entirely without an entropy gradient: a NaN entropy must not poison dlogp
@@ -185,8 +189,10 @@ void token_logprobs_bwd_rows(const T* logits, int64_t row_stride, const int64_t*
       g[j] = T(std::exp(u) * std::fma(B, u, A));
     }
     // the label's entry, recomputed in float and rounded once
-    const float u = std::max(std::fma(static_cast<float>(x[label]), inv_t, -l), kMinExponent);
-    g[label] = T(std::fma(std::exp(u), std::fma(B, u, A), inv_t * gl));
+    if (label < V) {
+      const float u = std::max(std::fma(static_cast<float>(x[label]), inv_t, -l), kMinExponent);
+      g[label] = T(std::fma(std::exp(u), std::fma(B, u, A), inv_t * gl));
+    }
   }
 }
 

@@ -133,10 +133,11 @@ __device__ __forceinline__ void finalize(const T* row, int64_t i, int64_t V, int
     if (entropy) entropy[i] = 0.f;
     return;
   }
+  // label == V: the target is in another vocab shard: logp NaN, entropy as usual
   const bool ok = label >= 0 && label < V;
   const float yl = ok ? Elem<T>::to_float(row[label]) * scale : NAN;
   logp[i] = kLn2 * ((yl - a.m) - log2s);
-  if (entropy) entropy[i] = ok ? kLn2 * (log2s - a.w / a.s) : NAN;
+  if (entropy) entropy[i] = (ok || label == V) ? kLn2 * (log2s - a.w / a.s) : NAN;
 }
 
 template <typename T>
@@ -236,7 +237,9 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(
     const float geh = ge != 0.f ? ge * entropy[i] : 0.f;  // a NaN entropy must not poison dlogp
     A = -inv_t * (gl + geh);
     B = -inv_t * ge;
-    l = (label >= 0 && label < V) ? lse[i] : NAN;
+    // label == V: the target is in another vocab shard (no [j == label] term here); other labels
+    // outside [0, V] give NaN, never a number
+    l = (label >= 0 && label <= V) ? lse[i] : NAN;
   }
   auto grad_of = [&](float x, int64_t j) {
     if (ignored) return 0.f;

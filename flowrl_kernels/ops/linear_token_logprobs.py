@@ -544,7 +544,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     temperature = check_temperature(temperature)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}.")
-    impl = resolve_impl(impl, dev)
+    # float64 inputs (gradchecks, references) default to the torch path, as in every other op
+    f64 = hidden.dtype == torch.float64 or weight.dtype == torch.float64
+    impl = "torch" if impl is None and f64 else resolve_impl(impl, dev)
     if impl == "triton" and hidden.dtype == torch.float64:
         raise ValueError("impl='triton' supports float16, bfloat16 and float32 inputs; got float64. "
                          "Use impl='torch' or cast hidden and weight.")

@@ -372,7 +372,8 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------------
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
                    return_entropy: bool = False, ignore_index: int = -100, impl: Optional[str] = None,
-                   validate: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+                   validate: bool = False, process_group=None
+                   ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Per-token log-probs of ``labels`` under softmax(logits / temperature), and optionally the entropy.
 
     Args:
@@ -385,6 +386,11 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
         impl: "triton" (default for CUDA tensors), "native" (C++ extension, default on CPU when built),
             "torch" (flowrl_kernels.reference, otherwise the CPU default, and always the default for
             float64 logits); env FLOWRL_KERNELS_IMPL overrides the default.
+        process_group: tensor-parallel vocab (Megatron layout): ``logits`` is this rank's shard, the
+            columns [rank * V_local, (rank + 1) * V_local) of a vocab of world * V_local; ``labels`` are
+            global ids. Every rank gets the full-vocab logp / entropy (2 all-reduces of O(N) floats),
+            and the gradient of its shard (no communication); see ``flowrl_kernels.ops.vocab_parallel``.
+            Eager only (not traceable by torch.compile). None (default): the logits hold the whole vocab.
         validate: full label range check on GPU tensors (one device sync). CPU tensors are always
             checked; unchecked out-of-range labels give NaN log-probs (the kernel never reads them).
 
@@ -415,6 +421,14 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     if impl != "torch" and logits.dtype == torch.float64:
         raise ValueError(f"logits has dtype float64, which impl={impl!r} does not support; use impl='torch' "
                          "or cast logits to float32.")
+    if process_group is not None:
+        from .vocab_parallel import group_layout, vocab_parallel_token_logprobs
+
+        vocab_start, vocab = group_layout(process_group, logits.shape[-1])
+        check_labels_in_range(labels, vocab, ignore_index, validate=validate)
+        return vocab_parallel_token_logprobs(logits, labels, temperature=temperature, return_entropy=return_entropy,
+                                             ignore_index=ignore_index, impl=impl, process_group=process_group,
+                                             vocab_start=vocab_start)
     # the CPU check costs no device sync but is data-dependent: torch.compile traces without it
     if not torch.compiler.is_compiling():
         check_labels_in_range(labels, logits.shape[-1], ignore_index, validate=validate)
