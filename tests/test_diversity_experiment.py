@@ -200,3 +200,24 @@ def test_rl_step_reward_given_to_the_loss(monkeypatch, raw):
     got = torch.cat(seen)
     want = rewards if raw else exp.algorithms.normalized_rewards(rewards, 4)
     assert torch.equal(got, want) and (raw or not torch.equal(got, rewards))
+
+
+def test_from_json_merges_runs_saved_by_separate_processes(tmp_path):
+    """--from-json: seeds run as separate processes give one table; duplicates and wrong settings are refused."""
+    def saved(seed, acc):
+        runs = [{"algo": a, "seed": seed, "history": [{"step": 0, "accuracy": 0.0}, {"step": 4, "accuracy": v}]}
+                for a, v in (("flowrl", acc), ("grpo", acc / 2))]
+        path = tmp_path / f"s{seed}.json"
+        path.write_text(json.dumps({"setting": "countdown", "args": {"seeds": [seed]}, "runs": runs}))
+        return str(path)
+
+    a, b = saved(0, 0.4), saved(1, 0.2)
+    res = exp.main(["countdown", "--from-json", a, b, "--out", str(tmp_path / "out"), "--no-plots"])
+    assert [(r["algo"], r["seed"]) for r in res["runs"]] == [("flowrl", 0), ("grpo", 0), ("flowrl", 1), ("grpo", 1)]
+    assert res["args"]["seeds"] == [0, 1]
+    md = (tmp_path / "out" / "diversity_countdown_table.md").read_text().splitlines()
+    assert md[2].startswith("| flowrl (n=2) | 0.300 ± 0.141 |") and md[3].startswith("| grpo (n=2) | 0.150 ± 0.071 |")
+    with pytest.raises(ValueError, match="already in an earlier file"):
+        exp.load_runs([a, a], "countdown")
+    with pytest.raises(ValueError, match="expected 'tiny'"):
+        exp.load_runs([a], "tiny")
