@@ -11,6 +11,7 @@ None of them synchronizes with the device (no ``.item()`` on CUDA tensors).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -98,6 +99,19 @@ def resolve_impl(impl: Optional[str], device: torch.device, *, native_op: Option
                 "`pip install --no-build-isolation -e .` or use impl='torch'."
             )
     return impl
+
+
+def device_guard(t: torch.Tensor):
+    """Context for a kernel launch on ``t``'s device.
+
+    Triton (and raw CUDA launches) run on the *current* CUDA device, not on the device of the pointers
+    they get: inputs on ``cuda:1`` while ``cuda:0`` is current would run on the wrong GPU (an illegal
+    access). Every launcher wraps its launches in ``with device_guard(x):``. CPU tensors (the
+    interpreter) need no guard.
+    """
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------
