@@ -346,6 +346,20 @@ def test_verl_entropy_keeps_the_logits_dtype(verl, device, dtype):
         assert _grad(ent, x).dtype == dtype
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_verl_entropy_under_torch_compile(verl, device, dtype):
+    """verl's actors call torch.compile(verl_F.entropy_from_logits, dynamic=True) at init, i.e. on the
+    patched function: the compiled replacement keeps the dtype and the eager values."""
+    F, fk_verl, _ = verl
+    x = (4 * torch.randn(3, 5, 41, device=device)).to(dtype)
+    torch._dynamo.reset()
+    with fk_verl.patched():
+        eager = F.entropy_from_logits(x)
+        compiled = torch.compile(F.entropy_from_logits, dynamic=True, backend="aot_eager")(x)
+    assert compiled.dtype == eager.dtype == dtype and torch.equal(compiled, eager)
+
+
 def test_verl_chunked_entropy_takes_only_rows(verl, device):
     """verl's chunked entropy is written for [N, V]; any other shape runs verl's own code (same outcome)."""
     F, fk_verl, (_, _, efl_chunk) = verl

@@ -76,8 +76,10 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 def note_path(logger: logging.Logger, function: str, path: str) -> None:
     """``logger.debug("<function>: <path>")`` once per process per (function, path); silent while
     torch.compile traces (a log call there would break the graph; the traced path is the eager one)."""
+    if torch.compiler.is_compiling():
+        return
     key = (logger.name, function, path)
-    if key in _NOTED or torch.compiler.is_compiling():
+    if key in _NOTED:
         return
     _NOTED.add(key)
     logger.debug("%s: %s", function, path)
