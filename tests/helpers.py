@@ -33,3 +33,14 @@ def assert_no_worse_than_torch(out: torch.Tensor, ref64: torch.Tensor, torch_out
     scale = max(1.0, scale, float(ref64.detach().double().abs().nan_to_num(0.0, 0.0, 0.0).max()) if ref64.numel() else 1.0)
     bound = factor * base + ulps * EPS[out.dtype] * scale
     assert err <= bound, f"{name}: max err {err:.3e} > bound {bound:.3e} (torch at this dtype: {base:.3e})"
+
+
+def import_or_skip(module: str):
+    """Import a peer package's module, or skip the test with the reason (printed by ``-ra``)."""
+    import pytest
+
+    try:
+        return __import__(module, fromlist=["_"])
+    except Exception as e:  # noqa: BLE001 - any import failure is a reason to skip
+        pytest.skip(f"{module} does not import here ({type(e).__name__}: {e}); "
+                    "see pyproject extra 'integrations' for what CI installs")
