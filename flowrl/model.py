@@ -158,11 +158,12 @@ def prompt_pool_mask(prompt_attention: torch.Tensor, include_last_token: bool = 
 
 
 def masked_mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of hidden [B, P, H] over positions where mask [B, P] is true -> [B, H] float32 (0 for empty
-    rows), whatever hidden's dtype: in bf16 the count itself rounds above 256 tokens (257 -> 256) and
-    the sum keeps 8 bits, so both are taken in fp32 (one [B, P, H] fp32 temporary, prompt rows only)."""
-    m = mask.to(torch.float32).unsqueeze(-1)
-    return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)
+    """Mean of hidden [B, P, H] over positions where mask [B, P] is true -> [B, H] (0 for empty rows),
+    in float32 at least: in bf16 the count itself rounds above 256 tokens (257 -> 256) and the sum
+    keeps 8 bits (one [B, P, H] fp32 temporary for bf16 input, prompt rows only)."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    m = mask.to(dtype).unsqueeze(-1)
+    return (hidden.to(dtype) * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) 
     groups = rewards.view(-1, G)
     tokens = float(batch.attention_mask.sum())
     keys = sorted(sums)
-    flat = torch.stack([sums[k] for k in keys] + [g.to(torch.float64) for g in grad_norms]).tolist()
+    flat = torch.stack([sums[k] for k in keys] + [g.to(env.device, torch.float64) for g in grad_norms]).tolist()
     record = {k: v / n_micro for k, v in zip(keys, flat)}
     norms = flat[len(keys):]
     record.update(reward_mean=float(rewards.mean()), reward_sq=float((rewards ** 2).mean()),

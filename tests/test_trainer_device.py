@@ -56,7 +56,7 @@ def one_rank_group():
 # ----------------------------------------------------------------------------------------------------
 def test_more_ranks_than_gpus_is_a_config_error(fake_gpus):
     fake_gpus(1)
-    with pytest.raises(config.ConfigError, match=r"2 ranks on this node but only 1 visible CUDA device.*run.device=cpu"):
+    with pytest.raises(config.ConfigError, match=r"2 ranks on this node but only 1 visible CUDA.*run.device=cpu"):
         distributed.pick_device("auto", local_rank=0, local_world=2)
     with pytest.raises(config.ConfigError, match="only 1 visible"):  # every rank stops, not only rank 1
         distributed.pick_device("auto", local_rank=1, local_world=2)
