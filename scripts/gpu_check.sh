@@ -73,7 +73,7 @@ else
   export TESTS=${GPU_CHECK_TESTS:-tests} WORKERS=${GPU_CHECK_WORKERS:-10}
   # from the first GPU run: the op suite took 37 s at -n 12 (before the Inductor matrix), the native
   # build < 4 min at MAX_JOBS=8; the train / resume parts are process start + Triton JIT dominated
-  LIM_BUILD=300 LIM_TESTS=170 LIM_TRAIN=90 LIM_DET=90 LIM_RESUME=120 LIM_NATIVE=90 LIM_BENCH=$TOTAL_MAX
+  LIM_BUILD=300 LIM_TESTS=170 LIM_TRAIN=90 LIM_DET=120 LIM_RESUME=120 LIM_NATIVE=90 LIM_BENCH=$TOTAL_MAX
 fi
 export FLOWRL_TEST_FULL=1 MAX_JOBS=${MAX_JOBS:-8} FLOWRL_KERNELS_NATIVE_STRICT=1
 PARTS_ALL="build tests train determinism resume native bench"
