@@ -2,6 +2,8 @@
 #   make train   -> set up .venv, then run the main job: torchrun flowrl/train.py (embedded default config)
 #   make test    -> set up .venv, then run the test suite (what .ci/run calls)
 # Everything the project needs is installed from here, into .venv.
+#   make gpu-check -> the GPU lane (scripts/gpu_check.sh) on a lent GPU machine: no venv, no install, the
+#                     machine's python3 (PY=...); DRY_RUN=1 (or no CUDA) runs it at tiny sizes on the CPU
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
@@ -9,10 +11,12 @@ BIN := $(VENV)/bin
 NPROC ?= 1
 ARGS ?=
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test bench clean gpu-check
 
+# a GPU machine's CUDA torch is seen through --system-site-packages (a fresh venv would otherwise
+# install the CPU wheel below and run the whole suite on the CPU, in the Triton interpreter)
 $(BIN)/python:
-	$(PY) -m venv $(VENV)
+	$(PY) -m venv $(VENV) $$($(PY) -c "import torch; assert torch.version.cuda" >/dev/null 2>&1 && echo --system-site-packages)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 
 # torch: keep a CUDA build if one is already there (GPU machines); otherwise take the CPU wheel
@@ -33,8 +37,13 @@ setup: $(VENV)/.installed
 train: setup
 	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) flowrl/train.py $(ARGS)
 
+# no TRITON_INTERPRET here: tests/conftest.py turns the interpreter on only where CUDA is absent, so on a
+# GPU machine the Triton ops run compiled (forcing it would run every GPU test through the interpreter)
 test: setup
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -q $(ARGS)
+	$(BIN)/python -m pytest tests -q $(ARGS)
+
+gpu-check:
+	DRY_RUN=$(DRY_RUN) PY=$(PY) bash scripts/gpu_check.sh
 
 # the bench extra: peers (trl, liger-kernel, cut-cross-entropy); each run saves its JSON in
 # bench/results/ and regenerates bench/RESULTS.md + charts from every JSON there (bench/report.py)

@@ -58,10 +58,18 @@ class Run:
     A run directory holding a checkpoint is resumed instead (see checkpoint.resume)."""
     plots: bool = True
     """Draw curves.png (training and evaluation curves) into the run directory at the end."""
+    device: str = "auto"
+    """'auto' = one CUDA device per local rank when CUDA is visible (more ranks than GPUs is an error),
+    else the CPU; 'cpu' = gloo on the CPU even where CUDA exists; 'cuda' = CUDA or an error."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True) (+ cuBLAS / flash-attention settings): on CUDA a run and
+    its resume match bit for bit, at some speed; ops without a deterministic kernel raise. The CPU is
+    bit-exact without it."""
 
     def __post_init__(self):
         _check(bool(self.name) and "/" not in self.name, f"run.name={self.name!r} must be a non-empty folder name.")
         _check(self.cpu_threads >= 0, f"run.cpu_threads={self.cpu_threads} must be >= 0 (0 = auto).")
+        _check(self.device in ("auto", "cpu", "cuda"), f"run.device={self.device!r}: use 'auto', 'cpu' or 'cuda'.")
 
 
 @dataclass
@@ -83,6 +91,9 @@ class Model:
     """Force flowrl_kernels' impl ('torch', 'triton', 'native'); '' = the library's default."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward (less memory, ~30% more compute)."""
+    param_dtype: str = "auto"
+    """Compute dtype of the parameters under FSDP2: 'auto' = bfloat16 on CUDA, float32 on CPU; or
+    'bfloat16' / 'float32'. Master weights, gradients and the log Z head stay float32."""
     tiny_layers: int = 2
     """Decoder layers of the tiny test models."""
     tiny_hidden: int = 64
@@ -102,6 +113,8 @@ class Model:
                f"model.logprob_impl={self.logprob_impl!r}: use 'logits' or 'fused'.")
         _check(self.kernel_impl in ("", "torch", "triton", "native"),
                f"model.kernel_impl={self.kernel_impl!r}: use '', 'torch', 'triton' or 'native'.")
+        _check(self.param_dtype in ("auto", "bfloat16", "float32"),
+               f"model.param_dtype={self.param_dtype!r}: use 'auto', 'bfloat16' or 'float32'.")
         _check(self.tiny_layers >= 1 and self.tiny_hidden >= 8 and self.tiny_hidden % 4 == 0,
                "model.tiny_layers must be >= 1 and model.tiny_hidden a multiple of 4, >= 8.")
 
