@@ -1,6 +1,6 @@
 """Evaluation metrics (Avg@k, pass@k, diversity), plots, the HF export and the vLLM rollout backend
-(against a fake engine: vllm is not installed here). One tiny 2-step run (subprocess) feeds the
-eval / plot / export tests."""
+against a fake engine (its bookkeeping, on any machine; the real engine: tests/test_vllm.py). One tiny
+2-step run (subprocess) feeds the eval / plot / export tests."""
 from __future__ import annotations
 
 import json
