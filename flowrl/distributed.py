@@ -28,7 +28,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -112,11 +112,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cleanup(graceful: bool = True) -> None:
+def cleanup(graceful: bool = True, before_destroy: Optional[Callable[[], None]] = None) -> None:
     """Tear the process group down. ``graceful`` (the run ended normally on every rank): meet at a
     barrier first, because a rank that destroys its gloo group and exits while a slower rank is still
     finishing aborts that rank ("terminate called without an active exception", SIGABRT; seen in about
-    1 of 4 two-rank CPU test runs here). After an error no barrier: a failed peer would never arrive."""
+    1 of 4 two-rank CPU test runs here). After an error no barrier: a failed peer would never arrive.
+    ``before_destroy``: called after the barrier, e.g. a vLLM engine's shutdown (it destroys the
+    groups it joined, the default one included, and fails if they are already gone)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     if graceful and dist.get_world_size() > 1:
@@ -127,7 +129,10 @@ def cleanup(graceful: bool = True) -> None:
                 dist.barrier()
         except RuntimeError:
             pass  # a peer is gone after all: tear down regardless
-    dist.destroy_process_group()
+    if before_destroy is not None:
+        before_destroy()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -88,8 +88,11 @@ def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) 
     n_updates = cfg.train.epochs * (B // mini)
     ref_logp = forward_logp(ref, batch, cfg) if ref is not None else None
     # one update per batch: the policy that sampled is the one being trained, so old log-probs are the
-    # first forward's, detached (bit-identical, and one forward pass cheaper); otherwise recompute them
-    old_logp = forward_logp(policy, batch, cfg) if n_updates > 1 else None
+    # first forward's, detached (bit-identical, and one forward pass cheaper); otherwise recompute them.
+    # rollout.old_logp="sampler": vLLM's own log-probs instead (the trainer's are still needed for the gap)
+    trainer_old = forward_logp(policy, batch, cfg) if n_updates > 1 else None
+    old_logp = batch.sampler_logp if cfg.rollout.old_logp == "sampler" else trainer_old
+    first_logp = []  # n_updates == 1: the trainer's log-probs of the sampling policy, for the gap metric
     distributed.synchronize(env.device)
     t_lp = time.perf_counter()
 
@@ -104,6 +107,8 @@ def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) 
                 out = policy(b.input_ids, b.attention_mask, b.labels, b.prompt_len,
                              temperature=cfg.rollout.temperature, entropy=True)
                 old = out["logp"].detach() if old_logp is None else old_logp[i: i + micro]
+                if trainer_old is None and batch.sampler_logp is not None:
+                    first_logp.append(out["logp"].detach())
                 ref_b = None if ref_logp is None else ref_logp[i: i + micro]
                 loss, st = algorithms.objective(out, old, ref_b, r_hat[i: i + micro], b.response_mask,
                                                 cfg.algo, n_seq=mini, n_tok=n_tok)
@@ -139,7 +144,13 @@ def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) 
                   accuracy=float((rewards >= 1.0).float().mean()), grad_norm=sum(norms) / len(norms),
                   response_len=float(mask.sum(-1).float().mean()),
                   zero_std_groups=float((groups.max(-1).values == groups.min(-1).values).float().mean()))
+    gap = {} if batch.sampler_logp is None else rollout.logp_mismatch(
+        batch.sampler_logp, trainer_old if trainer_old is not None else torch.cat(first_logp), mask)
+    record.update({k: v for k, v in gap.items() if k.endswith("_mean")})
     record = distributed.mean_over_ranks(record, env.device)
+    record.update({k: distributed.max_over_ranks(v, env.device) for k, v in gap.items() if k.endswith("_max")})
+    if hasattr(sampler, "sync_time"):
+        record["time_weight_sync"] = distributed.max_over_ranks(sampler.sync_time, env.device)
     record["skipped"] = skipped
     record["reward_std"] = max(record.pop("reward_sq") - record["reward_mean"] ** 2, 0.0) ** 0.5
     step_time = distributed.max_over_ranks(t_end - t0, env.device)
@@ -214,7 +225,7 @@ def due(step: int, every: int, last: int) -> bool:
 def main(argv=None) -> None:
     cfg = config.load(argv)  # every config error is raised here, before anything is built
     env = distributed.init(cfg.run.cpu_threads, cfg.run.device, cfg.run.deterministic)
-    metrics, graceful = None, True
+    metrics, sampler, graceful = None, None, True
     try:
         cfg.check_world(env.world_size)
         resume = prepare_run_dir(cfg, env)
@@ -267,7 +278,7 @@ def main(argv=None) -> None:
     finally:
         if metrics is not None:
             metrics.close()
-        distributed.cleanup(graceful)
+        distributed.cleanup(graceful, getattr(sampler, "close", None))
 
 
 if __name__ == "__main__":
