@@ -277,7 +277,7 @@ def test_validate_and_float64_torch(device):
 def test_opcheck(device):
     x = _logits((5, 19), torch.bfloat16, device).requires_grad_()
     y = _labels((5,), 19, device)
-    torch.library.opcheck(torch.ops.flowrl_kernels.token_logprobs_fwd.default, (x, y, 0.8, True, -100, "triton"))
+    torch.library.opcheck(torch.ops.flowrl_kernels.token_logprobs_fwd.default, (x, y, 0.8, True, -100, "triton", False))
 
 
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
