@@ -305,9 +305,10 @@ def test_torch_compile_fullgraph(impl, backend, device):
 def test_native_matches_triton(device):
     x = _logits((2, 7, 1000), torch.bfloat16, device)[:, :-1]
     y = _labels((2, 6), 1000, device)
-    outs = [_fwd_bwd(lambda *a, **k: token_logprobs(*a, impl=i, **k), x, y, torch.ones(2, 6), torch.ones(2, 6),
+    ones = torch.ones(2, 6, device=device)
+    outs = [_fwd_bwd(lambda *a, **k: token_logprobs(*a, impl=i, **k), x, y, ones, ones,
                      temperature=0.8) for i in ("native", "triton")]
-    ref = _fwd_bwd(reference.token_logprobs, x.double(), y, torch.ones(2, 6).double(), torch.ones(2, 6).double(),
+    ref = _fwd_bwd(reference.token_logprobs, x.double(), y, ones.double(), ones.double(),
                    temperature=0.8)
     for o, t, r in zip(*outs, ref):
         assert_no_worse_than_torch(o, r, t)
