@@ -22,7 +22,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from helpers import DEVICE  # noqa: E402
 FULL = os.environ.get("FLOWRL_TEST_FULL", "0") not in ("", "0")
 DEFAULT_DEVICE = os.environ.get("FLOWRL_TEST_DEFAULT_DEVICE") or None
 

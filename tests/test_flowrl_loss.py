@@ -7,13 +7,13 @@ import torch
 
 from flowrl_kernels import flowrl_loss, reference
 from flowrl_kernels._utils import native_has
-from helpers import assert_no_worse_than_torch
+from helpers import DEVICE, assert_no_worse_than_torch
 
 import flowrl_kernels.ops.flowrl_loss as fl_mod
 
 IMPLS = ["triton", "torch",
-         pytest.param("native", marks=pytest.mark.skipif(not native_has("flowrl_loss_fwd"),
-                                                         reason="native extension without flowrl_loss_fwd"))]
+         pytest.param("native", marks=pytest.mark.skipif(not native_has("flowrl_loss_fwd", DEVICE),
+                                                         reason=f"native extension without a {DEVICE} flowrl_loss_fwd"))]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CLIPS = [(0.8, 1.2), (None, 1.2), (0.8, None), (None, None), (0.0, 10.0)]
 

@@ -7,11 +7,11 @@ import torch
 
 from flowrl_kernels import group_normalize, importance_weights, masked_mean, reference, seq_log_ratio
 from flowrl_kernels._utils import native_has
-from helpers import assert_no_worse_than_torch
+from helpers import DEVICE, assert_no_worse_than_torch
 
 FAST_IMPLS = ["triton", "torch",
-              pytest.param("native", marks=pytest.mark.skipif(not native_has("flowrl_loss_fwd"),
-                                                              reason="native extension without flowrl_loss_fwd"))]
+              pytest.param("native", marks=pytest.mark.skipif(not native_has("flowrl_loss_fwd", DEVICE),
+                                                              reason=f"native extension without a {DEVICE} flowrl_loss_fwd"))]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1), (3, 257), (4, 1000), (257, 3)]
 
