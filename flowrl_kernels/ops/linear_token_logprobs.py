@@ -567,6 +567,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     Args:
         hidden: [..., H] float16 / bfloat16 / float32 (float64: impl="torch" only); last dim stride 1,
             other dims may be strided (a non-viewable [..., H] is reshaped with a copy of N * H elements).
+            float32 follows torch's fp32 matmul setting, as torch's own lm_head does: exact fp32 dots
+            (CUDA cores) by default, TF32 tensor cores after ``torch.set_float32_matmul_precision("high")``
+            or ``torch.backends.cuda.matmul.fp32_precision = "tf32"``.
         weight: [V, H], same dtype as hidden, row stride free, last dim stride 1 (an lm_head's weight).
         labels: [...] int32 / int64. Positions equal to ``ignore_index`` give 0 and get no gradient.
         bias: optional [V] (any float dtype; used in fp32).
