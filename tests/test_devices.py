@@ -133,8 +133,11 @@ def test_every_triton_launch_runs_under_its_tensors_device(monkeypatch):
 
     with FakeTensorMode():
         dev = torch.device("cuda:1")  # not the current device (0): a launch outside the guard runs on 0
-        # (Python indexing of a fake CUDA tensor needs CUDA in torch; narrow / select do not)
-        x = torch.zeros(2, 5, 33, device=dev).narrow(1, 0, 4)  # a strided [B, T-1, V] view
+        try:
+            # (Python indexing of a fake CUDA tensor needs CUDA in torch; narrow / select do not)
+            x = torch.zeros(2, 5, 33, device=dev).narrow(1, 0, 4)  # a strided [B, T-1, V] view
+        except RuntimeError as e:  # pragma: no cover - a real CUDA runtime may check the ordinal
+            pytest.skip(f"no fake cuda:1 tensors on this machine ({e})")
         y = torch.zeros(2, 4, dtype=torch.long, device=dev)
         logp, lse, ent = tlp_mod._fwd_triton(x, y, 1.0, True, -100)
         tlp_mod._bwd_triton(x, y, lse, ent, logp, ent, 1.0, -100)
