@@ -311,7 +311,7 @@ def _native_2d(logits, labels, ignore_index, sharded):
     x = _as_3d(logits, 1)
     x2 = x[0] if x is not None and x.shape[0] == 1 else logits.reshape(-1, V)
     lab = labels.reshape(-1).to(torch.int64).contiguous()
-    if not sharded:
+    if not sharded and ignore_index != V:
         # the native kernels read label == V as "target in another shard" (finite entropy and gradient);
         # outside vocab parallelism it is out of range like any other: map it to one the kernels poison
         lab = torch.where(lab == V, -1 if ignore_index != -1 else -2, lab)
