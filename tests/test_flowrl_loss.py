@@ -300,6 +300,16 @@ def test_too_long(device):
         flowrl_loss(x, x, x, torch.zeros(1, device=device), torch.zeros(1, device=device), x.bool(), impl="torch")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mask", ["holes", "float"])
+def test_opcheck(impl, mask, device):
+    # the custom ops torch.compile sees: schema, fake kernels (shapes / dtypes / devices), autograd
+    logp, old, ref, log_z, rewards, m = make_inputs(3, 9, torch.bfloat16, device, mask=mask)
+    args = (logp.requires_grad_(), old, ref, log_z.requires_grad_(), rewards, m, 3.0, 1, math.log(0.8),
+            math.log(1.2), impl, True)
+    torch.library.opcheck(torch.ops.flowrl_kernels.flowrl_loss_fwd.default, args)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the authors' formula, step by step on hand-made numbers
 # ----------------------------------------------------------------------------------------------------

@@ -227,6 +227,18 @@ def test_out_of_range_labels_poison_their_row(impl, device, monkeypatch):
         assert_no_worse_than_torch(o, r, b, name=f"{impl} {name} of the in-range rows")
 
 
+def test_opcheck(device):
+    # the Triton launchers as the custom ops torch.compile sees (schema, fake kernels)
+    hidden, weight, b, labels = _inputs((13,), 16, 70, torch.bfloat16, device, bias=True)
+    b = b.float()
+    torch.library.opcheck(torch.ops.flowrl_kernels.linear_token_logprobs_fwd.default,
+                          (hidden, weight, b, labels, 0.8, -100))
+    lp, ent, lse = torch.ops.flowrl_kernels.linear_token_logprobs_fwd(hidden, weight, b, labels, 0.8, -100)
+    g = torch.randn(13, device=device)
+    torch.library.opcheck(torch.ops.flowrl_kernels.linear_token_logprobs_dlogits.default,
+                          (hidden, weight, b, labels, lse, ent, g, g, 0.8, -100))
+
+
 def test_float64_torch_path(device):
     hidden, weight, b, labels = _inputs((13,), 16, 97, torch.float64, device, bias=True)
     lp, ent = linear_token_logprobs(hidden, weight, labels, bias=b, impl="torch", return_entropy=True,
