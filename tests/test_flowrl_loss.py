@@ -300,7 +300,7 @@ def test_too_long(device):
         flowrl_loss(x, x, x, torch.zeros(1, device=device), torch.zeros(1, device=device), x.bool(), impl="torch")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "torch"])  # the op serves the fused impls
 @pytest.mark.parametrize("mask", ["holes", "float"])
 def test_opcheck(impl, mask, device):
     # the custom ops torch.compile sees: schema, fake kernels (shapes / dtypes / devices), autograd
