@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import torch
 
+# the device every device-parametrized test runs on (the `device` fixture): the GPU when there is one
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 # dtype -> unit roundoff of the OUTPUT dtype; slack is a few ulps of the reference's magnitude
 EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 

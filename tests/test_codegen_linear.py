@@ -75,7 +75,7 @@ for dtype, bias, n_rows in [(torch.bfloat16, True, 8192), (torch.float16, False,
         out[f"{kname}[{t},bias={bias},BLOCK_N={block_n}]"] = dict(inspect(cc), dtype=t)
 cc = compile_kernel(M._linear_logprobs_merge_kernel,
                     dict(ws_ptr="*fp32", labels_ptr="*i64", logp_ptr="*fp32", ent_ptr="*fp32",
-                         lse_ptr="*fp32", N="i32", n_splits="i32", ignore_index="i32"),
+                         lse_ptr="*fp32", N="i32", V="i32", n_splits="i32", ignore_index="i32"),
                     dict(BLOCK=M._MERGE_BLOCK), 4, 1)
 out["_linear_logprobs_merge_kernel"] = dict(inspect(cc), dtype="fp32")
 print("RESULT" + json.dumps(out))

@@ -32,13 +32,13 @@ NOT the naive reference (that one stays in reference.py, for tests and benchmark
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .._triton_compat import tl, triton
-from .._utils import (check_labels_in_range, check_same_device, check_temperature, check_tensor, empty,
-                     resolve_impl, triton_interpret)
+from .._utils import (check_labels_in_range, check_same_device, check_temperature, check_tensor, device_guard,
+                     empty, resolve_impl, triton_interpret)
 
 # Tiles on the GPU: 128 x 128 logits per program with 64-wide (bf16/fp16) or 32-wide (fp32) H steps.
 # The fp32 accumulator is 128*128*4 B = 64 KiB = 64 registers/thread at 8 warps; 3 pipeline stages of
@@ -161,7 +161,7 @@ def _linear_logprobs_merge_kernel(
     # data ptrs
     ws_ptr, labels_ptr, logp_ptr, ent_ptr, lse_ptr,
     # shapes
-    N, n_splits,
+    N, V, n_splits,
     # scalars
     ignore_index,
     BLOCK: tl.constexpr,
@@ -169,7 +169,9 @@ def _linear_logprobs_merge_kernel(
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = rows < N
     rows64 = rows.to(tl.int64)
-    plane = n_splits.to(tl.int64) * N
+    # tl.cast, not n_splits.to(): the JIT hands an int argument equal to 1 over as a Python int
+    # (a constexpr), which has no .to(); n_splits is 1 for small V and for N >= 2 * SMs * BLOCK_N rows
+    plane = tl.cast(n_splits, tl.int64) * N
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
     u = tl.zeros([BLOCK], tl.float32)
@@ -188,9 +190,12 @@ def _linear_logprobs_merge_kernel(
         m = m_new
         base += N
     log_s = tl.log(s)
-    lse = m + log_s
     label = tl.load(labels_ptr + rows64, mask=ok, other=0).to(tl.int64)
     valid = label != ignore_index
+    # a label outside [0, V) (unchecked on GPU) matched no column: poison its row (NaN logp, entropy,
+    # and lse, which makes the backward's dlogits row NaN) instead of a finite logp = -lse
+    log_s = tl.where(valid & ((label < 0) | (label >= V)), float("nan"), log_s)
+    lse = m + log_s
     tl.store(logp_ptr + rows64, tl.where(valid, xt - lse, 0.0), mask=ok)
     tl.store(ent_ptr + rows64, tl.where(valid, log_s - u / s, 0.0), mask=ok)
     tl.store(lse_ptr + rows64, lse, mask=ok)
@@ -260,9 +265,23 @@ def _tiles(n_rows: int, vocab: int, dtype: torch.dtype):
     return block_n, _BLOCK_V, 64, _NUM_WARPS, _NUM_STAGES
 
 
+def _cuda_matmul_tf32() -> bool:
+    """torch's fp32 CUDA matmul setting. The new API (torch >= 2.9: ``fp32_precision`` "tf32" | "ieee" |
+    "none" = inherit ``torch.backends.fp32_precision``) when present: the legacy ``allow_tf32`` read
+    raises RuntimeError once a process has set the new one. The legacy flag on older torch."""
+    m = torch.backends.cuda.matmul
+    prec = getattr(m, "fp32_precision", None)
+    if prec is None:
+        return bool(m.allow_tf32)
+    if prec == "none":
+        prec = getattr(torch.backends, "fp32_precision", "none")
+    return prec == "tf32"
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's own matmul setting (exact fp32 by default, like the reference)
-    if dtype == torch.float32 and not triton_interpret() and torch.backends.cuda.matmul.allow_tf32:
+    # fp32 inputs follow torch's own matmul setting (exact fp32 by default, like the reference and
+    # torch's own fp32 lm_head; torch.set_float32_matmul_precision("high") switches both to TF32)
+    if dtype == torch.float32 and not triton_interpret() and _cuda_matmul_tf32():
         return "tf32"
     return "ieee"
 
@@ -299,18 +318,19 @@ def _triton_forward(h2, weight, bias, labels, inv_temp, ignore_index):
     n_splits, tiles_per_split = _n_splits(n_row_blocks, triton.cdiv(V, block_v), dev)
     ws = empty((4, n_splits, N), dtype=torch.float32, device=dev)
     b = bias if bias is not None else h2  # dummy pointer, never read when HAS_BIAS=False
-    _linear_logprobs_fwd_kernel[(n_row_blocks * n_splits,)](
-        h2, weight, b, labels, ws,
-        N, V, H, n_row_blocks, tiles_per_split,
-        h2.stride(0), weight.stride(0),
-        inv_temp,
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
-        DOT_PRECISION=_dot_precision(h2.dtype), UPCAST_OPERANDS=_upcast(h2.dtype),
-        num_warps=warps, num_stages=stages,
-    )
-    _linear_logprobs_merge_kernel[(triton.cdiv(N, _MERGE_BLOCK),)](
-        ws, labels, logp, ent, lse, N, n_splits, ignore_index, BLOCK=_MERGE_BLOCK,
-    )
+    with device_guard(h2):
+        _linear_logprobs_fwd_kernel[(n_row_blocks * n_splits,)](
+            h2, weight, b, labels, ws,
+            N, V, H, n_row_blocks, tiles_per_split,
+            h2.stride(0), weight.stride(0),
+            inv_temp,
+            HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
+            DOT_PRECISION=_dot_precision(h2.dtype), UPCAST_OPERANDS=_upcast(h2.dtype),
+            num_warps=warps, num_stages=stages,
+        )
+        _linear_logprobs_merge_kernel[(triton.cdiv(N, _MERGE_BLOCK),)](
+            ws, labels, logp, ent, lse, N, V, n_splits, ignore_index, BLOCK=_MERGE_BLOCK,
+        )
     return logp, ent, lse
 
 
@@ -321,15 +341,45 @@ def _triton_dlogits(h, weight, bias, labels, lse, ent, g_logp, g_ent, inv_temp, 
     block_n, block_v, block_h, warps, stages = _tiles(n, V, h.dtype)
     n_row_blocks = triton.cdiv(n, block_n)
     b = bias if bias is not None else h
-    _linear_logprobs_bwd_kernel[(n_row_blocks * triton.cdiv(V, block_v),)](
-        h, weight, b, labels, lse, ent, g_logp, g_ent, dz,
-        n, V, H, n_row_blocks,
-        h.stride(0), weight.stride(0), dz.stride(0),
-        inv_temp, ignore_index,
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
-        DOT_PRECISION=_dot_precision(h.dtype), UPCAST_OPERANDS=_upcast(h.dtype),
-        num_warps=warps, num_stages=stages,
-    )
+    with device_guard(h):
+        _linear_logprobs_bwd_kernel[(n_row_blocks * triton.cdiv(V, block_v),)](
+            h, weight, b, labels, lse, ent, g_logp, g_ent, dz,
+            n, V, H, n_row_blocks,
+            h.stride(0), weight.stride(0), dz.stride(0),
+            inv_temp, ignore_index,
+            HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
+            DOT_PRECISION=_dot_precision(h.dtype), UPCAST_OPERANDS=_upcast(h.dtype),
+            num_warps=warps, num_stages=stages,
+        )
+
+
+# The two Triton launchers as torch.library ops: opaque to torch.compile (Dynamo cannot trace a Triton
+# launch under the CPU interpreter, and Inductor then sees one op instead of a kernel it would re-wrap),
+# with fake kernels for tracing. The autograd around them (chunk loop, cuBLAS matmuls) stays traceable.
+@torch.library.custom_op("flowrl_kernels::linear_token_logprobs_fwd", mutates_args=())
+def _triton_forward_op(h2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+                       inv_temp: float, ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton_forward(h2, weight, bias, labels, inv_temp, ignore_index)
+
+
+@_triton_forward_op.register_fake
+def _(h2, weight, bias, labels, inv_temp, ignore_index):
+    return tuple(h2.new_empty((h2.shape[0],), dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("flowrl_kernels::linear_token_logprobs_dlogits", mutates_args=())
+def _triton_dlogits_op(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+                       lse: torch.Tensor, ent: torch.Tensor, g_logp: torch.Tensor, g_ent: torch.Tensor,
+                       inv_temp: float, ignore_index: int) -> torch.Tensor:
+    """dlogits [n, V] of rows h [n, H] in h's dtype (NaN-poisoned before the kernel in tests)."""
+    dz = empty((h.shape[0], weight.shape[0]), dtype=h.dtype, device=h.device)
+    _triton_dlogits(h, weight, bias, labels, lse, ent, g_logp, g_ent, inv_temp, ignore_index, dz)
+    return dz
+
+
+@_triton_dlogits_op.register_fake
+def _(h, weight, bias, labels, lse, ent, g_logp, g_ent, inv_temp, ignore_index):
+    return h.new_empty((h.shape[0], weight.shape[0]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -361,12 +411,14 @@ def _torch_forward(h2, weight, bias, labels, inv_temp, ignore_index, chunk, cd):
         x.sub_(m)                                                   # x - m <= 0
         lab = labels[r0:r1]
         valid = lab != ignore_index
-        xt = x.gather(1, torch.where(valid, lab, 0).long().unsqueeze(1)).squeeze(1)
+        in_range = (lab >= 0) & (lab < x.shape[1])
+        xt = x.gather(1, torch.where(valid & in_range, lab, 0).long().unsqueeze(1)).squeeze(1)
         e = torch.exp(x)                                            # buffer 2
         s = e.sum(1)
         u = x.mul_(e).sum(1)                                        # sum (x - m) e^(x - m)
         del x, e
-        log_s = torch.log(s)
+        # an out-of-range label (unchecked on GPU) poisons its row, as in the Triton kernels
+        log_s = torch.where(valid & ~in_range, float("nan"), torch.log(s))
         zero = torch.zeros((), dtype=cd, device=h2.device)
         logp[r0:r1] = torch.where(valid, xt - log_s, zero)
         ent[r0:r1] = torch.where(valid, log_s - u / s, zero)
@@ -384,7 +436,9 @@ def _torch_dlogits(h_c, w, b, labels, lse, ent, g_logp, g_ent, inv_temp, ignore_
     # -p (g_lp + g_en (log p + H)), built in place in the log-p buffer
     dz.add_(ent.unsqueeze(1)).mul_(g_en.unsqueeze(1)).add_(g_lp.unsqueeze(1)).mul_(p).neg_()
     del p
-    dz.scatter_add_(1, torch.where(valid, labels, 0).long().unsqueeze(1), g_lp.unsqueeze(1))
+    # out-of-range labels (their rows are NaN through lse) must not index out of bounds
+    in_range = (labels >= 0) & (labels < dz.shape[1])
+    dz.scatter_add_(1, torch.where(valid & in_range, labels, 0).long().unsqueeze(1), g_lp.unsqueeze(1))
     return dz.mul_(inv_temp)
 
 
@@ -403,7 +457,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         inv_temp = 1.0 / temperature
         if impl == "triton":
             cd = torch.float32
-            logp, ent, lse = _triton_forward(hidden, weight, bias, labels, inv_temp, ignore_index)
+            logp, ent, lse = _triton_forward_op(hidden, weight, bias, labels, inv_temp, ignore_index)
         else:
             cd = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
             logp, ent, lse = _torch_forward(hidden, weight, bias, labels, inv_temp, ignore_index, chunk, cd)
@@ -424,9 +478,10 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
 
         dH = torch.empty((N, H), dtype=hidden.dtype, device=dev) if need_h else None
         if impl == "triton":
-            # dz in the input dtype feeds cuBLAS directly (fp32 accumulation inside each matmul).
+            # dz in the input dtype feeds cuBLAS directly (fp32 accumulation inside each matmul); one
+            # chunk's dz is alive at a time (freed at the end of each iteration, then reused by the
+            # caching allocator)
             w_mm, b_k, mm_dtype = weight, bias, hidden.dtype
-            dz_buf = empty((min(chunk, N), V), dtype=mm_dtype, device=dev)  # NaN-poisoned in tests
         else:
             w_mm, b_k = _torch_mm_operands(hidden, weight, bias, cd)
             mm_dtype = cd
@@ -442,9 +497,8 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
             r1 = min(N, r0 + chunk)
             h_c = hidden[r0:r1]
             if impl == "triton":
-                dz = dz_buf[: r1 - r0]
-                _triton_dlogits(h_c, weight, b_k, labels[r0:r1], lse[r0:r1], ent[r0:r1],
-                                g_logp[r0:r1], g_ent[r0:r1], inv_temp, ignore_index, dz)
+                dz = _triton_dlogits_op(h_c, weight, b_k, labels[r0:r1], lse[r0:r1], ent[r0:r1],
+                                        g_logp[r0:r1], g_ent[r0:r1], inv_temp, ignore_index)
             else:
                 dz = _torch_dlogits(h_c, w_mm, b_k, labels[r0:r1], lse[r0:r1], ent[r0:r1],
                                     g_logp[r0:r1], g_ent[r0:r1], inv_temp, ignore_index, cd)
@@ -513,6 +567,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     Args:
         hidden: [..., H] float16 / bfloat16 / float32 (float64: impl="torch" only); last dim stride 1,
             other dims may be strided (a non-viewable [..., H] is reshaped with a copy of N * H elements).
+            float32 follows torch's fp32 matmul setting, as torch's own lm_head does: exact fp32 dots
+            (CUDA cores) by default, TF32 tensor cores after ``torch.set_float32_matmul_precision("high")``
+            or ``torch.backends.cuda.matmul.fp32_precision = "tf32"``.
         weight: [V, H], same dtype as hidden, row stride free, last dim stride 1 (an lm_head's weight).
         labels: [...] int32 / int64. Positions equal to ``ignore_index`` give 0 and get no gradient.
         bias: optional [V] (any float dtype; used in fp32).
@@ -524,7 +581,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
             keeps one chunk's fp32 logits within 64 MiB (rows = 64 MiB / (4 V)); the Triton path keeps
             its dlogits workspace within 512 MiB (rows = 512 MiB / (V * itemsize), multiple of 128).
         validate: check every label is in [0, V) or ignore_index even on CUDA (a device sync). CPU
-            labels are always checked.
+            labels are always checked (except while torch.compile traces). Unchecked out-of-range
+            labels poison their position, as in ``token_logprobs``: NaN logp and entropy, NaN gradient
+            rows (never a finite, silently wrong logp; never an out-of-bounds read).
 
     Returns:
         logp float32 [...] (float64 for float64 inputs), and entropy float32 [...] when
