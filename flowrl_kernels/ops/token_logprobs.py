@@ -16,12 +16,14 @@ fwd/bwd ops (torch.ops.flowrl_kernels_native.token_logprobs_fwd/bwd); the autogr
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple, Union
 
 import torch
 
 from .._triton_compat import tl, triton
 from .. import reference
+from . import configs
 from .._utils import (
     INDEX_DTYPES,
     check_labels_in_range,
@@ -55,8 +57,9 @@ MAX_GRID = 2**31 - 1
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _config(V: int) -> Tuple[int, int]:
-    """(BLOCK_V, num_warps): a fixed, deterministic heuristic (no autotune).
+def _config(V: int, device: Optional[torch.device] = None) -> Tuple[int, int]:
+    """(BLOCK_V, num_warps): a fixed, deterministic heuristic (no autotune) over the per-arch entry of
+    ops/configs.py (elements per thread, warps per row; ``device`` None: the sm90 entry).
 
     8 elements per thread per iteration (one 16-byte load for bf16/fp16, two for fp32) and 8 warps per
     row: BLOCK_V = 2048, 75 iterations at V = 151936. Measured with tests/test_codegen.py on sm_90: the
@@ -64,12 +67,24 @@ def _config(V: int) -> Tuple[int, int]:
     at 16 bf16 elements (2 CTAs/SM): its two per-lane accumulators scale with the elements per thread.
     The forward loop is pipelined (num_stages=3: 2 blocks in flight per CTA); the backward (30-40
     registers, 6-8 CTAs/SM) needs no pipelining. Small V shrinks the block to next_pow2(V) and the warps
-    with it (V = 7 -> 8 elements, 1 warp) so no lanes idle. Not yet timed on a GPU.
+    with it (V = 7 -> 8 elements, 1 warp) so no lanes idle.
     """
-    per_thread = 8
-    block = min(triton.next_power_of_2(V), per_thread * 32 * 8)
-    num_warps = max(1, min(8, block // (per_thread * 32)))
-    return block, num_warps
+    if configs.overridden("token_logprobs"):
+        cfg = configs.config("token_logprobs", torch.device("cpu"))
+        return _block_and_warps(V, cfg["per_thread"], cfg["num_warps"])
+    arch = configs.arch_of(device) if device is not None and device.type == "cuda" else "sm90"
+    return _config_cached(V, arch)
+
+
+@functools.lru_cache(maxsize=1024)
+def _config_cached(V: int, arch: str) -> Tuple[int, int]:
+    cfg = configs.TABLE[arch]["token_logprobs"]["any"]
+    return _block_and_warps(V, cfg["per_thread"], cfg["num_warps"])
+
+
+def _block_and_warps(V: int, per_thread: int, max_warps: int) -> Tuple[int, int]:
+    block = min(triton.next_power_of_2(V), per_thread * 32 * max_warps)
+    return block, max(1, min(max_warps, block // (per_thread * 32)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -262,7 +277,7 @@ def _fwd_triton(logits, labels, temperature, return_entropy, ignore_index):
     if N == 0:
         return logp, lse, ent
     x, lab = _prep(logits, labels)
-    BLOCK_V, num_warps = _config(V)
+    BLOCK_V, num_warps = _config(V, dev)
     for row0 in range(0, N, MAX_GRID):
         _token_logprobs_fwd_kernel[(min(N - row0, MAX_GRID),)](
             x, lab, logp, lse, ent if return_entropy else logp,
@@ -286,7 +301,7 @@ def _bwd_triton(logits, labels, lse, ent, grad_logp, grad_ent, temperature, igno
     # upstream grads may be expanded (logp.sum().backward() gives stride 0): O(N) copy to [N] fp32
     grad_logp = grad_logp.reshape(-1).to(torch.float32).contiguous()
     grad_ent = grad_ent.reshape(-1).to(torch.float32).contiguous() if has_gent else grad_logp
-    BLOCK_V, num_warps = _config(V)
+    BLOCK_V, num_warps = _config(V, logits.device)
     for row0 in range(0, N, MAX_GRID):
         _token_logprobs_bwd_kernel[(min(N - row0, MAX_GRID),)](
             x, lab, lse, ent if has_gent else lse, grad_logp, grad_ent, grad,
