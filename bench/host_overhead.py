@@ -5,8 +5,10 @@
 On a tiny input (N=4 rows, V=8; B=2 x T=8 for the loss) the kernels' own work is ~1 us, so the
 public call's median minus the bare op's median is what the public function adds per call: argument
 checks, impl selection, the torch.library / autograd.Function wrapping, output allocation, the grid.
-Each timing is the median of 5 batches of 2000 calls (time.perf_counter_ns); on CUDA every batch ends
-with a synchronize, and the kernels are far shorter than their launches, so it is host time.
+Each timing is the median of 5 batches of 2000 calls. CPU: the thread's CPU time (time.thread_time_ns),
+so a shared, busy machine's scheduling waits do not count (cache contention still does: compare
+numbers from one run). CUDA: wall time (time.perf_counter_ns), every batch ending with a synchronize;
+the kernels are far shorter than their launches, so it is host time.
 
 "bare" is, per op:
   token_logprobs  forward: torch.ops.flowrl_kernels_native.token_logprobs_fwd (CPU) or one launch of
@@ -30,19 +32,40 @@ from flowrl_kernels import _utils  # noqa: E402
 
 
 def _median_us(fn, calls=2000, batches=5, sync=None):
+    clock = time.perf_counter_ns if sync else time.thread_time_ns
     for _ in range(200):
         fn()
     if sync:
         sync()
     per = []
     for _ in range(batches):
-        t0 = time.perf_counter_ns()
+        t0 = clock()
         for _ in range(calls):
             fn()
         if sync:
             sync()
-        per.append((time.perf_counter_ns() - t0) / calls / 1e3)
+        per.append((clock() - t0) / calls / 1e3)
     return statistics.median(per)
+
+
+def _py_calls(fn, calls=200):
+    """Python and C function calls per call of ``fn`` (sys.setprofile): a count that a busy machine
+    cannot blur, to compare versions where timings are noisy."""
+    import sys
+
+    n = [0]
+
+    def prof(frame, event, arg):
+        if event in ("call", "c_call"):
+            n[0] += 1
+    fn()
+    sys.setprofile(prof)
+    try:
+        for _ in range(calls):
+            fn()
+    finally:
+        sys.setprofile(None)
+    return n[0] / calls
 
 
 def measure(device):
@@ -77,8 +100,10 @@ def measure(device):
                                                BLOCK_V=block, RETURN_ENTROPY=False, num_warps=warps)
     with torch.no_grad():
         pub, bare = _median_us(public_fwd, sync=sync), _median_us(bare_fwd, sync=sync)
-    rows.append(("token_logprobs forward", impl, pub, bare))
-    rows.append(("token_logprobs forward+backward", impl, _median_us(public_fwd_bwd, calls=500, sync=sync), None))
+        n_pub, n_bare = _py_calls(public_fwd), _py_calls(bare_fwd)
+    rows.append(("token_logprobs forward", impl, pub, bare, n_pub, n_bare))
+    rows.append(("token_logprobs forward+backward", impl, _median_us(public_fwd_bwd, calls=500, sync=sync), None,
+                 _py_calls(public_fwd_bwd), None))
 
     B, Tn = 2, 8
     g = dict(device=device)
@@ -99,21 +124,23 @@ def measure(device):
                           lo, hi)
         with torch.no_grad():
             pub, bare = _median_us(loss_fwd, sync=sync), _median_us(bare_loss, sync=sync)
-        rows.append(("flowrl_loss forward", impl, pub, bare))
+            n_pub, n_bare = _py_calls(loss_fwd), _py_calls(bare_loss)
+        rows.append(("flowrl_loss forward", impl, pub, bare, n_pub, n_bare))
     return rows
 
 
 def main():
     devs = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native={_utils.native_available()}")
-    print(f"{'op':<34}{'impl':<8}{'public us':>11}{'bare us':>10}{'added us':>10}")
+    print(f"{'op':<34}{'impl':<8}{'public us':>11}{'bare us':>10}{'added us':>10}{'py calls':>10}{'bare':>7}")
     for d in devs:
         if d.type == "cpu" and not _utils.native_available():
             print("cpu: native extension not built, skipped")
             continue
-        for name, impl, pub, bare in measure(d):
+        for name, impl, pub, bare, n_pub, n_bare in measure(d):
             add = f"{pub - bare:10.1f}" if bare is not None else f"{'':>10}"
-            print(f"{name:<34}{impl:<8}{pub:11.1f}{(f'{bare:10.1f}' if bare is not None else ''):>10}{add}")
+            print(f"{name:<34}{impl:<8}{pub:11.1f}{(f'{bare:10.1f}' if bare is not None else ''):>10}{add}"
+                  f"{n_pub:10.0f}{(f'{n_bare:7.0f}' if n_bare is not None else ''):>7}")
 
 
 if __name__ == "__main__":

@@ -33,16 +33,16 @@ ARCHS = ("sm80", "sm90")
 # sweep: begin
 TABLE: Dict[str, Dict[str, Dict[str, dict]]] = {
     "sm90": {
-        # 256 x 128 tiles (chosen statically, not yet timed: bench/sweep.py decides on a GPU). A 128 x 128
-        # tile needs 64 FLOP per operand byte from L2 / shared memory, ~11.7 TB/s at the 746 TFLOP/s an
-        # H200 measured, more than its L2 serves; 256 x 128 or 128 x 256 need 8.7 TB/s (85 FLOP/B).
-        # Compiled for sm_90 (Triton 3.6 and 3.9): 256 x 128 x 64, 8 warps, 3 stages = 255 registers, no
-        # spills, 144 KiB of shared memory, HGMMA; 128 x 256 x 64 spills (40-64 B of stack) and
-        # 128 x 128 x 64 needs 177-182 registers. The fp32 accumulator is 128 registers per thread (2
-        # warpgroups of 128 x 128); 1 program per SM. GROUP_N = 8 row blocks of 256: 15 MiB of Qwen
-        # hidden rows resident in L2, each weight tile read from DRAM once per 2048 rows.
+        # 128 x 128 x 64 tiles, 8 warps, 4 stages (chosen statically, not yet timed: bench/sweep.py decides
+        # on a GPU). Compiled for sm_90 with a bias and V, H, strides divisible by 16 (the Qwen launch):
+        # 221 registers, no spills, 128 KiB of shared memory, HGMMA (Triton 3.9; 3.6 checked too). The
+        # larger tiles that would need less L2 bandwidth per FLOP (a 128 x 128 tile reads 64 FLOP per
+        # operand byte, ~11.7 TB/s at the 746 TFLOP/s an H200 measured; 256 x 128 or 128 x 256, 85 FLOP/B)
+        # sit at 255 registers and spill 16-120 B with a bias: they are sweep candidates, not defaults.
+        # GROUP_N = 8 row blocks of 128: 7 MiB of Qwen hidden rows resident in L2, each weight tile read
+        # from DRAM once per 1024 rows (the old row-major order kept all 58 MiB of hidden in flight).
         "linear_fwd": {
-            "16bit": dict(BLOCK_N=256, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3, ctas_per_sm=1),
+            "16bit": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=4, ctas_per_sm=1),
             # exact fp32 tl.dot runs on FMA units with a larger register footprint: 128 x 128 spilled
             # (255 regs + 48 B stack); 64 x 128 x 32 does not
             "fp32": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, GROUP_N=8, num_warps=8, num_stages=3, ctas_per_sm=1),
@@ -90,7 +90,9 @@ CANDIDATES: Dict[str, Dict[str, list]] = {
     "linear_fwd": {
         "16bit": [dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=64, GROUP_N=g, num_warps=8, num_stages=st, ctas_per_sm=1)
                   for bn, bv, st in ((128, 128, 3), (128, 128, 4), (128, 256, 3), (128, 256, 4), (256, 128, 3))
-                  for g in (4, 8, 16)],
+                  for g in (4, 8, 16)]
+        + [dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=32, GROUP_N=8, num_warps=8, num_stages=4, ctas_per_sm=1)
+           for bn, bv in ((128, 256), (256, 128))],
         "fp32": [dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, GROUP_N=g, num_warps=8, num_stages=3, ctas_per_sm=1)
                  for g in (4, 8)],
     },

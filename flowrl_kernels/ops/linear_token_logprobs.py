@@ -40,8 +40,8 @@ import torch
 from .._triton_compat import tl, triton
 from . import configs
 from .token_logprobs import EXP2_FLOOR, K_LN2, K_LOG2E, M_INIT
-from .._utils import (check_labels_in_range, check_same_device, check_temperature, check_tensor, empty,
-                     resolve_impl, triton_interpret)
+from .._utils import (check_labels_in_range, check_same_device, check_temperature, check_tensor, device_guard,
+                     empty, resolve_impl, triton_interpret)
 
 # Tiles, warps, stages and L2 groups on the GPU: per arch in ops/configs.py (bench/sweep.py tunes them).
 _BLOCK_N_SMALL = 64  # wgmma's minimum M; the "linear_fwd_small_n" entry serves N <= 64 (decode batches)
@@ -79,6 +79,10 @@ def _logits_tile(
     shared by the forward and the backward's recompute (inlined by the compiler)."""
     offs_h = tl.arange(0, BLOCK_H)
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    if HAS_BIAS:
+        # the bias seeds the accumulator: no extra [BLOCK_N, BLOCK_V] value is live after the K loop
+        # (adding it afterwards spilled the 256 x 128 sm_90 tile: 120 B of stack)
+        acc += tl.load(b_ptr + cols64, mask=col_ok, other=0.0)[None, :]
     for k in range(0, H, BLOCK_H):
         ks = k + offs_h
         k_ok = ks < H
@@ -89,8 +93,6 @@ def _logits_tile(
         if UPCAST_OPERANDS:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols64, mask=col_ok, other=0.0)[None, :]
     return acc
 
 
@@ -295,9 +297,10 @@ def _upcast(dtype: torch.dtype) -> bool:
 def _balanced_splits(n_row_blocks: int, n_tiles: int, slots: int):
     """(splits, tiles_per_split) minimizing the forward's makespan in tiles per SM slot:
     ceil(row blocks * splits / slots) waves of ceil(tiles / splits) tiles each. At N=8192 (64 row
-    blocks of 128) and V=152064 (594 tiles of 256) on 132 SMs: 33 splits of 18 tiles, 16 full waves,
-    the lower bound 64 * 594 / 132 = 288 (the old "2 programs per SM" rule: 5 splits, 320 programs,
-    3 waves of which the last 42% full). Ties go to fewer splits (smaller workspace and merge)."""
+    blocks of 128) and V=152064 (1188 tiles of 128) on 132 SMs: 33 splits of 36 tiles, 16 full waves,
+    the lower bound 64 * 1188 / 132 = 576 (the old "2 programs per SM" rule: 5 splits of 238 tiles,
+    320 programs = 3 waves of which the last 42% full, 714 tiles per slot: 24% longer). Ties go to
+    fewer splits (smaller workspace and merge)."""
     best = None
     for splits in range(1, min(n_tiles, max(1, _MAX_WAVES * slots // n_row_blocks)) + 1):
         per = -(-n_tiles // splits)
@@ -337,18 +340,19 @@ def _triton_forward(h2, weight, bias, labels, inv_temp, ignore_index):
     n_splits, tiles_per_split = _n_splits(n_row_blocks, triton.cdiv(V, cfg["BLOCK_V"]), dev, cfg["ctas_per_sm"])
     ws = empty((4, n_splits, N), dtype=torch.float32, device=dev)
     b = bias if bias is not None else h2  # dummy pointer, never read when HAS_BIAS=False
-    _linear_logprobs_fwd_kernel[(n_row_blocks * n_splits,)](
-        h2, weight, b, labels, ws,
-        N, V, H, n_row_blocks, tiles_per_split,
-        h2.stride(0), weight.stride(0),
-        inv_temp,
-        HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
-        GROUP_N=cfg["GROUP_N"], DOT_PRECISION=_dot_precision(h2.dtype), UPCAST_OPERANDS=_upcast(h2.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    _linear_logprobs_merge_kernel[(triton.cdiv(N, _MERGE_BLOCK),)](
-        ws, labels, logp, ent, lse, N, n_splits, ignore_index, BLOCK=_MERGE_BLOCK,
-    )
+    with device_guard(h2):
+        _linear_logprobs_fwd_kernel[(n_row_blocks * n_splits,)](
+            h2, weight, b, labels, ws,
+            N, V, H, n_row_blocks, tiles_per_split,
+            h2.stride(0), weight.stride(0),
+            inv_temp,
+            HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
+            GROUP_N=cfg["GROUP_N"], DOT_PRECISION=_dot_precision(h2.dtype), UPCAST_OPERANDS=_upcast(h2.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        _linear_logprobs_merge_kernel[(triton.cdiv(N, _MERGE_BLOCK),)](
+            ws, labels, logp, ent, lse, N, n_splits, ignore_index, BLOCK=_MERGE_BLOCK,
+        )
     return logp, ent, lse
 
 
@@ -361,15 +365,16 @@ def _triton_dlogits(h, weight, bias, labels, lse, ent, g_logp, g_ent, inv_temp, 
                                                                  "num_stages"))
     n_row_blocks = triton.cdiv(n, block_n)
     b = bias if bias is not None else h
-    _linear_logprobs_bwd_kernel[(n_row_blocks * triton.cdiv(V, block_v),)](
-        h, weight, b, labels, lse, ent, g_logp, g_ent, dz,
-        n, V, H, n_row_blocks,
-        h.stride(0), weight.stride(0), dz.stride(0),
-        inv_temp, ignore_index,
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
-        DOT_PRECISION=_dot_precision(h.dtype), UPCAST_OPERANDS=_upcast(h.dtype),
-        num_warps=warps, num_stages=stages,
-    )
+    with device_guard(h):
+        _linear_logprobs_bwd_kernel[(n_row_blocks * triton.cdiv(V, block_v),)](
+            h, weight, b, labels, lse, ent, g_logp, g_ent, dz,
+            n, V, H, n_row_blocks,
+            h.stride(0), weight.stride(0), dz.stride(0),
+            inv_temp, ignore_index,
+            HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
+            DOT_PRECISION=_dot_precision(h.dtype), UPCAST_OPERANDS=_upcast(h.dtype),
+            num_warps=warps, num_stages=stages,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -323,15 +323,20 @@ def _native_2d(logits, labels):
 # ----------------------------------------------------------------------------------------------------
 # torch.library registration: opaque to torch.compile, with fake kernels and autograd
 # ----------------------------------------------------------------------------------------------------
-@torch.library.custom_op("flowrl_kernels::token_logprobs_fwd", mutates_args=())
-def _fwd_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float, return_entropy: bool,
-            ignore_index: int, impl: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fwd_impl(logits, labels, temperature, return_entropy, ignore_index, impl):
+    """The forward of either fast impl -> (logp, lse, entropy | empty): the custom op's body."""
     if impl == "native":
         x2, lab = _native_2d(logits, labels)
         lp, lse, ent = torch.ops.flowrl_kernels_native.token_logprobs_fwd(
             x2, lab, temperature, return_entropy, ignore_index)
         return lp.view(labels.shape), lse.view(labels.shape), ent.view(labels.shape) if return_entropy else ent
     return _fwd_triton(logits, labels, temperature, return_entropy, ignore_index)
+
+
+@torch.library.custom_op("flowrl_kernels::token_logprobs_fwd", mutates_args=())
+def _fwd_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float, return_entropy: bool,
+            ignore_index: int, impl: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fwd_impl(logits, labels, temperature, return_entropy, ignore_index, impl)
 
 
 @_fwd_op.register_fake
@@ -341,10 +346,8 @@ def _(logits, labels, temperature, return_entropy, ignore_index, impl):
     return out, torch.empty_like(out), ent
 
 
-@torch.library.custom_op("flowrl_kernels::token_logprobs_bwd", mutates_args=())
-def _bwd_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
-            grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor], temperature: float,
-            ignore_index: int, impl: str) -> torch.Tensor:
+def _bwd_impl(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, impl):
+    """The backward of either fast impl -> grad_logits: the custom op's body."""
     if impl == "native":
         x2, lab = _native_2d(logits, labels)
         ge = None if grad_entropy is None else grad_entropy.reshape(-1).float().contiguous()
@@ -353,6 +356,13 @@ def _bwd_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entro
             temperature, ignore_index)
         return g.view(logits.shape)
     return _bwd_triton(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index)
+
+
+@torch.library.custom_op("flowrl_kernels::token_logprobs_bwd", mutates_args=())
+def _bwd_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+            grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor], temperature: float,
+            ignore_index: int, impl: str) -> torch.Tensor:
+    return _bwd_impl(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, impl)
 
 
 @_bwd_op.register_fake
@@ -369,17 +379,35 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, grad_logp, grad_lse, grad_ent):
+def _backward(ctx, grad_logp, grad_lse, grad_ent, bwd=None):
     logits, labels, lse, ent = ctx.saved_tensors
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
     if not ctx.return_entropy:
         grad_ent = None
-    grad = _bwd_op(logits, labels, lse, ent, grad_logp, grad_ent, ctx.temperature, ctx.ignore_index, ctx.impl)
+    grad = (bwd or _bwd_op)(logits, labels, lse, ent, grad_logp, grad_ent, ctx.temperature, ctx.ignore_index,
+                            ctx.impl)
     return grad, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerTokenLogprobs(torch.autograd.Function):
+    """Eager twin of the custom op: the same kernels, context and backward, without torch.library's
+    per-call Python dispatch (the custom op's wrapping was ~80% of the public call's host time on a tiny
+    input, bench/host_overhead.py). torch.compile traces the custom op instead (token_logprobs picks)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, return_entropy, ignore_index, impl):
+        out = _fwd_impl(logits, labels, temperature, return_entropy, ignore_index, impl)
+        _setup_context(ctx, (logits, labels, temperature, return_entropy, ignore_index, impl), out)
+        ctx.set_materialize_grads(False)  # an unused entropy costs no zero [N] gradient, nor its reads
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_lse, grad_ent):
+        return _backward(ctx, grad_logp, grad_lse, grad_ent, bwd=_bwd_impl)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -450,5 +478,6 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     if impl == "torch":
         return reference.token_logprobs(logits, labels, temperature=temperature,
                                         return_entropy=return_entropy, ignore_index=ignore_index)
-    logp, _, ent = _fwd_op(logits, labels, temperature, return_entropy, ignore_index, impl)
+    fwd = _fwd_op if torch.compiler.is_compiling() else _EagerTokenLogprobs.apply
+    logp, _, ent = fwd(logits, labels, temperature, return_entropy, ignore_index, impl)
     return (logp, ent) if return_entropy else logp
