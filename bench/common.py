@@ -445,7 +445,7 @@ def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[s
         benchmark.pedantic(target, setup=pedantic_setup, rounds=rounds, warmup_rounds=0, iterations=1)
         # device clock: fewer rounds for slow cases (each round re-runs setup, e.g. a forward)
         dev_ms = None
-        if ON_GPU:
+        if ON_GPU and mode != "step":  # a training step's host work (sampling, the loop) is the point
             host = sorted(benchmark.stats.stats.data)
             dev_ms = device_time(setup, body, min(rounds, 30), _percentile(host, 0.5))
         args = setup()
