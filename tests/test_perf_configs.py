@@ -113,3 +113,40 @@ def test_candidates_are_valid():
             assert cands, (kernel, dkey)
             for cfg in cands:
                 assert set(cfg) == set(configs.TABLE["sm90"][kernel][dkey]), (kernel, cfg)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, -1, 3, 40])
+def test_vocab_chunked_backward_labels(ignore_index, device):
+    # N <= V: the Triton backward runs over vocab chunks (chunk_size=4 rows of workspace: chunks of
+    # 4 * 97 // 23 = 16 columns, 7 chunks). Labels sit on chunk edges (0, 15, 16, 96) and at
+    # ignore_index + v0 of a later chunk, which a plain shift would have mapped onto ignore_index.
+    N, H, V = 23, 16, 97
+    g = torch.Generator().manual_seed(7 + ignore_index)
+    hidden = torch.randn(N, H, generator=g).to(torch.bfloat16)
+    weight = (torch.randn(V, H, generator=g) / 2).to(torch.bfloat16)
+    bias = torch.randn(V, generator=g).to(torch.bfloat16)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[:6] = torch.tensor([0, 15, 16, 96, 32 + 3, 48 + 3])
+    if 0 <= ignore_index < V:
+        labels[labels == ignore_index] = 5
+    labels[6:9] = ignore_index
+    assert L._vocab_chunk(N, V, 4) == 16
+    g_logp, g_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)
+
+    def grads(fn, cast=None, **kw):
+        leaves = [t.detach().clone() for t in (hidden, weight, bias)]
+        if cast is not None:
+            leaves = [t.to(cast) for t in leaves]
+        for t in leaves:
+            t.requires_grad_(True)
+        logp, ent = fn(leaves[0], leaves[1], labels, bias=leaves[2], return_entropy=True,
+                       ignore_index=ignore_index, **kw)
+        (logp * g_logp.to(logp.dtype) + ent * g_ent.to(ent.dtype)).sum().backward()
+        return [t.grad for t in leaves]
+
+    out = grads(L.linear_token_logprobs, impl="triton", chunk_size=4)
+    ref64 = grads(reference.linear_token_logprobs, cast=torch.float64)
+    base = grads(reference.linear_token_logprobs)
+    for name, o, r, b in zip(("d_hidden", "d_weight", "d_bias"), out, ref64, base):
+        assert_no_worse_than_torch(o, r, b, name=name)
+    assert (out[0][6:9] == 0).all()  # ignored rows: no gradient

@@ -13,8 +13,11 @@ The splits give parallelism when N is small (one row block, 151936 vocab: 5+ pro
 a tiny merge kernel combines the 4 * splits * N partial floats. u is kept relative to the max so the
 entropy log(s) - u/s never subtracts two large numbers (lse - E[x] cancels when |x| ~ 1e3).
 
-Backward: chunked over tokens. For each chunk of C rows a Triton kernel recomputes the logits tiles and
-writes dlogits [C, V] in the input dtype; then cuBLAS does dH[chunk] = dz @ W and dW += dz^T @ h.
+Backward: chunked. N <= V (an RL micro-batch below the vocab size): over vocab chunks; for each
+chunk [v0, v1) a Triton kernel recomputes the logits tiles of all N rows and writes dlogits
+dz [N, v1 - v0] in the input dtype; then cuBLAS does dW[v0:v1] = dz^T @ h (written once) and
+dH += dz @ W[v0:v1]. N > V: over row chunks of C rows, dz [C, V], dH[chunk] = dz @ W, dW += dz^T @ h.
+Each way one gradient accumulates across chunks, so the smaller one does (dH is N x H, dW is V x H).
 Why not fully fused: FLOPs and bytes at N=8192, H=4096, V=151936, bf16 (H100: ~790 TFLOP/s, 3 TB/s):
   - chunked (this): 6*N*H*V = 3.06e16 FLOP (recompute + 2 matmuls) ~ 38.7 ms at peak; dz traffic
     3 * N*V*2 B = 7.5 GB (write once, read by both matmuls) ~ 2.5 ms, i.e. ~6% on top, and both
@@ -57,9 +60,16 @@ _INTERP_TARGET_PROGRAMS = 4
 # [4, splits, N] workspace and merge, for nothing once the waves are balanced)
 _MAX_WAVES = 32
 _MERGE_BLOCK = 256
-# Backward dlogits workspace per chunk on the GPU: 512 MiB (Qwen V=151936 bf16: 1664 rows), large
-# enough that the per-chunk matmuls (K = 1664 for dW) run near cuBLAS peak.
+# Backward dlogits workspace on the GPU. N <= V (every RL micro-batch below the vocab size): vocab
+# chunks [N, Vc] within 128 MiB, at most _MAX_VOCAB_CHUNKS of them. Qwen2.5-7B, N=8192: 22 chunks of
+# 7040 columns (110 MiB), peak of a full step ~1,205 MiB (dW 1,039 + dH 56 + dz) where row chunks of
+# 512 MiB peaked at 1,578 (Liger: 1,245), and dW is written once instead of read + written per row
+# chunk: 2.4 GB of dH traffic in place of 11 GB of dW traffic. N > V: row chunks of 512 MiB.
 _TRITON_CHUNK_BYTES = 512 * 2**20
+_TRITON_VOCAB_CHUNK_BYTES = 128 * 2**20
+# dH accumulates across vocab chunks in the input dtype (cuBLAS addmm: fp32 inside each chunk, one
+# rounding of the running sum per chunk): at most this many roundings
+_MAX_VOCAB_CHUNKS = 24
 # Torch path: each chunk's fp32 logits <= 64 MiB (V=49152: 341 rows). The forward holds 2 such
 # buffers (shifted logits, exp) and the backward 2 (log p, p): <= 128 MiB whatever N is.
 _TORCH_CHUNK_BYTES = 64 * 2**20
@@ -460,6 +470,42 @@ def _torch_dlogits(h_c, w, b, labels, lse, ent, g_logp, g_ent, inv_temp, ignore_
     return dz.mul_(inv_temp)
 
 
+def _vocab_chunk(N: int, V: int, chunk_rows: int) -> int:
+    """Columns per vocab chunk: the workspace's chunk_rows * V elements spread over all N rows, at least
+    V / _MAX_VOCAB_CHUNKS, a multiple of 128 (whole tiles) when that large."""
+    vc = max(chunk_rows * V // max(N, 1), -(-V // _MAX_VOCAB_CHUNKS), 1)
+    return min(V, vc // 128 * 128 if vc >= 128 else vc)
+
+
+def _triton_backward_vocab_chunks(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, inv_temp,
+                                  ignore_index, vc, dz_buf, dH, dW, db):
+    """Backward over vocab chunks [v0, v1) of all N rows (N <= V): dz = dlogits[:, v0:v1] in the input
+    dtype, then dW[v0:v1] = dz^T @ hidden (written once, fp32 accumulation over all N inside cuBLAS),
+    dH (+)= dz @ W[v0:v1], db[v0:v1] = column sums of dz. The kernel sees the chunk as a vocab of vc
+    columns with its own labels: ignored rows -> -1 (the kernel's ignore_index here), a label inside
+    the chunk -> label - v0, a label outside it -> -2, which matches no column and keeps the row's
+    softmax term. (Shifting alone could map a valid label onto the caller's ignore_index, e.g. 3.)"""
+    N, V = hidden.shape[0], weight.shape[0]
+    ignored = labels == ignore_index
+    for v0 in range(0, V, vc):
+        v1 = min(V, v0 + vc)
+        w_c = weight[v0:v1]
+        inside = (labels >= v0) & (labels < v1)
+        lab_c = torch.where(ignored, -1, torch.where(inside, labels - v0, -2))
+        dz = dz_buf[: N * (v1 - v0)].view(N, v1 - v0)
+        _triton_dlogits(hidden, w_c, None if bias is None else bias[v0:v1], lab_c, lse, ent, g_logp, g_ent,
+                        inv_temp, -1, dz)
+        if dH is not None:
+            if v0 == 0:
+                torch.mm(dz, w_c, out=dH)
+            else:
+                dH.addmm_(dz, w_c)
+        if dW is not None:
+            torch.mm(dz.t(), hidden, out=dW[v0:v1])
+        if db is not None:
+            db[v0:v1] = dz.sum(0, dtype=db.dtype)
+
+
 # ----------------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------------
@@ -495,28 +541,37 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         g_ent = g_ent.to(g_logp.dtype).contiguous()
 
         dH = torch.empty((N, H), dtype=hidden.dtype, device=dev) if need_h else None
+        # Triton, 0 < N <= V: vocab chunks (see _TRITON_VOCAB_CHUNK_BYTES); else row chunks
+        vc = _vocab_chunk(N, V, chunk) if impl == "triton" and 0 < N <= V else 0
         if impl == "triton":
-            # dz in the input dtype feeds cuBLAS directly (fp32 accumulation inside each matmul).
+            # dz in the input dtype feeds cuBLAS directly (fp32 accumulation inside each matmul);
+            # [N, vc] for vocab chunks, [chunk, V] for row chunks; NaN-poisoned in tests
             w_mm, b_k, mm_dtype = weight, bias, hidden.dtype
-            dz_buf = empty((min(chunk, N), V), dtype=mm_dtype, device=dev)  # NaN-poisoned in tests
+            dz_buf = empty((N * vc if vc else min(chunk, N) * V,), dtype=mm_dtype, device=dev)
         else:
             w_mm, b_k = _torch_mm_operands(hidden, weight, bias, cd)
             # CUDA 16-bit: dz rounded to the input dtype feeds the 16-bit weight's matmuls, as on the
             # Triton path (and as torch's own lm_head backward does)
             mm_dtype = w_mm.dtype
-        # dW accumulates across chunks: in fp32 on the CPU torch path; on the Triton path and the CUDA
-        # 16-bit torch path in the weight dtype (cuBLAS addmm accumulates each chunk in fp32 and rounds the running sum once per chunk:
-        # ceil(N / chunk) roundings, 1 when N <= chunk, as in torch's own lm_head backward).
+        # Row chunks: dW accumulates across chunks, in fp32 on the CPU torch path, in the weight dtype on
+        # the Triton path and the CUDA 16-bit torch path (cuBLAS addmm accumulates each chunk in fp32 and
+        # rounds the running sum once per chunk: ceil(N / chunk) roundings, 1 when N <= chunk, as in
+        # torch's own lm_head backward). Vocab chunks write each dW row range once (no zero fill).
         dW = None
         if need_w:
-            dW = torch.zeros((V, H), dtype=mm_dtype, device=dev)
+            dW = (torch.empty if vc else torch.zeros)((V, H), dtype=mm_dtype, device=dev)
         db = torch.zeros(V, dtype=cd, device=dev) if need_b else None  # fp32 (fp64 for fp64 inputs)
+
+        if vc:
+            _triton_backward_vocab_chunks(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, inv_temp,
+                                          ignore_index, vc, dz_buf, dH, dW, db)
+            return dH, dW, (db.to(bias.dtype) if db is not None else None), None, None, None, None, None
 
         for r0 in range(0, N, chunk):
             r1 = min(N, r0 + chunk)
             h_c = hidden[r0:r1]
             if impl == "triton":
-                dz = dz_buf[: r1 - r0]
+                dz = dz_buf[: (r1 - r0) * V].view(r1 - r0, V)
                 _triton_dlogits(h_c, weight, b_k, labels[r0:r1], lse[r0:r1], ent[r0:r1],
                                 g_logp[r0:r1], g_ent[r0:r1], inv_temp, ignore_index, dz)
             else:
@@ -598,8 +653,11 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         impl: None (Triton on CUDA, else the chunked torch path), "triton", or "torch" (chunked torch
             path, NOT the naive reference, which is ``flowrl_kernels.reference.linear_token_logprobs``).
         chunk_size: rows per chunk of the backward (and of the torch forward). Default: the torch path
-            keeps one chunk's fp32 logits within 64 MiB (rows = 64 MiB / (4 V)); the Triton path keeps
-            its dlogits workspace within 512 MiB (rows = 512 MiB / (V * itemsize), multiple of 128).
+            keeps one chunk's fp32 logits within 64 MiB on the CPU (rows = 64 MiB / (4 V)), within 1/16
+            of the free memory (<= 1 GiB) on CUDA. Triton: the dlogits workspace holds chunk_size * V
+            elements, 128 MiB by default when N <= V (spread over all N rows as vocab chunks of
+            chunk_size * V / N columns, at least V / 24: dH is rounded to the input dtype once per
+            chunk, at most 24 times), 512 MiB when N > V (row chunks; dW rounded once per chunk).
         validate: check every label is in [0, V) or ignore_index even on CUDA (a device sync). CPU
             labels are always checked.
 
@@ -610,8 +668,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
     Memory (N tokens), beyond inputs, outputs and gradients:
         Triton forward: 4 * splits * N + 2 * N float32 (splits <= ~2 * SMs / row blocks; saved lse,
-        entropy). Triton backward: one dlogits chunk of chunk_size * V * itemsize bytes (bounded, 512 MiB
-        by default) + V float32 for the bias grad. Exact: every dlogit enters the matmuls (no filtering).
+        entropy). Triton backward: one dlogits workspace of chunk_size * V * itemsize bytes (128 MiB by
+        default for N <= V, 512 MiB above; at least N * V / 24 elements) + V float32 for the bias grad. Exact: every dlogit enters the matmuls (no filtering).
         Torch path: 2 chunks of chunk_size * V fp32 (<= 128 MiB by default) in forward and backward;
         bf16/fp16 weights are upcast once (V * H * 4 B) and dW accumulates in fp32 (V * H * 4 B),
         because CPU matmuls have no bf16 -> fp32 mode.
@@ -636,7 +694,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     N = h2.shape[0]
     if chunk_size is None:
         if impl == "triton":
-            rows = _TRITON_CHUNK_BYTES // (V * h2.element_size())
+            budget = _TRITON_VOCAB_CHUNK_BYTES if h2.shape[0] <= V else _TRITON_CHUNK_BYTES
+            rows = budget // (V * h2.element_size())
             chunk_size = max(_BLOCK_N, rows // _BLOCK_N * _BLOCK_N)
         else:
             chunk_size = _torch_chunk_rows(V, h2.device)
