@@ -409,8 +409,8 @@ def _torch_mm_operands(h2, weight, bias, cd):
 
 
 def _torch_logits(h_c, w, b, inv_temp, cd):
-    if w.dtype != cd:  # 16-bit operands on CUDA, fp32 out
-        x = torch.mm(h_c, w.t(), out_dtype=cd)
+    if w.dtype != cd:  # 16-bit operands on CUDA, fp32 out (the overload _lowp_mm checked for)
+        x = torch.ops.aten.mm.dtype(h_c, w.t(), cd)
         if b is not None:
             x.add_(b)
     else:
