@@ -129,7 +129,7 @@ def test_every_triton_launch_runs_under_its_tensors_device(monkeypatch):
                 monkeypatch.setattr(mod, name, Recorder(name))
     assert len(kernels) == 7, kernels
     monkeypatch.setattr(torch.cuda, "device", FakeCudaDevice)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132, major=9, minor=0))
 
     with FakeTensorMode():
         dev = torch.device("cuda:1")  # not the current device (0): a launch outside the guard runs on 0

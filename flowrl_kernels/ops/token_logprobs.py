@@ -16,12 +16,14 @@ fwd/bwd ops (torch.ops.flowrl_kernels_native.token_logprobs_fwd/bwd); the autogr
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple, Union
 
 import torch
 
 from .._triton_compat import tl, triton
 from .. import reference
+from . import configs
 from .._utils import (
     INDEX_DTYPES,
     check_labels_in_range,
@@ -57,8 +59,9 @@ MAX_GRID = 2**31 - 1
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _config(V: int) -> Tuple[int, int]:
-    """(BLOCK_V, num_warps): a fixed, deterministic heuristic (no autotune).
+def _config(V: int, device: Optional[torch.device] = None) -> Tuple[int, int]:
+    """(BLOCK_V, num_warps): a fixed, deterministic heuristic (no autotune) over the per-arch entry of
+    ops/configs.py (elements per thread, warps per row; ``device`` None: the sm90 entry).
 
     8 elements per thread per iteration (one 16-byte load for bf16/fp16, two for fp32) and 8 warps per
     row: BLOCK_V = 2048, 75 iterations at V = 151936. Measured with tests/test_codegen.py on sm_90: the
@@ -66,12 +69,24 @@ def _config(V: int) -> Tuple[int, int]:
     at 16 bf16 elements (2 CTAs/SM): its two per-lane accumulators scale with the elements per thread.
     The forward loop is pipelined (num_stages=3: 2 blocks in flight per CTA); the backward (30-40
     registers, 6-8 CTAs/SM) needs no pipelining. Small V shrinks the block to next_pow2(V) and the warps
-    with it (V = 7 -> 8 elements, 1 warp) so no lanes idle. Not yet timed on a GPU.
+    with it (V = 7 -> 8 elements, 1 warp) so no lanes idle.
     """
-    per_thread = 8
-    block = min(triton.next_power_of_2(V), per_thread * 32 * 8)
-    num_warps = max(1, min(8, block // (per_thread * 32)))
-    return block, num_warps
+    if configs.overridden("token_logprobs"):
+        cfg = configs.config("token_logprobs", torch.device("cpu"))
+        return _block_and_warps(V, cfg["per_thread"], cfg["num_warps"])
+    arch = configs.arch_of(device) if device is not None and device.type == "cuda" else "sm90"
+    return _config_cached(V, arch)
+
+
+@functools.lru_cache(maxsize=1024)
+def _config_cached(V: int, arch: str) -> Tuple[int, int]:
+    cfg = configs.TABLE[arch]["token_logprobs"]["any"]
+    return _block_and_warps(V, cfg["per_thread"], cfg["num_warps"])
+
+
+def _block_and_warps(V: int, per_thread: int, max_warps: int) -> Tuple[int, int]:
+    block = min(triton.next_power_of_2(V), per_thread * 32 * max_warps)
+    return block, max(1, min(max_warps, block // (per_thread * 32)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -268,7 +283,7 @@ def _fwd_triton(logits, labels, temperature, return_entropy, ignore_index, shard
     if N == 0:
         return logp, lse, ent
     x, lab = _prep(logits, labels)
-    BLOCK_V, num_warps = _config(V)
+    BLOCK_V, num_warps = _config(V, dev)
     with device_guard(logits):
         for row0 in range(0, N, MAX_GRID):
             _token_logprobs_fwd_kernel[(min(N - row0, MAX_GRID),)](
@@ -293,7 +308,7 @@ def _bwd_triton(logits, labels, lse, ent, grad_logp, grad_ent, temperature, igno
     # upstream grads may be expanded (logp.sum().backward() gives stride 0): O(N) copy to [N] fp32
     grad_logp = grad_logp.reshape(-1).to(torch.float32).contiguous()
     grad_ent = grad_ent.reshape(-1).to(torch.float32).contiguous() if has_gent else grad_logp
-    BLOCK_V, num_warps = _config(V)
+    BLOCK_V, num_warps = _config(V, logits.device)
     with device_guard(logits):
         for row0 in range(0, N, MAX_GRID):
             _token_logprobs_bwd_kernel[(min(N - row0, MAX_GRID),)](
@@ -323,15 +338,20 @@ def _native_2d(logits, labels, ignore_index, sharded):
 # ----------------------------------------------------------------------------------------------------
 # ``sharded``: the logits are one vocab-parallel shard (ops/vocab_parallel.py) and label == V means "the
 # target is in another shard" (lse and entropy as usual, no target term); otherwise V is out of range.
-@torch.library.custom_op("flowrl_kernels::token_logprobs_fwd", mutates_args=())
-def _fwd_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float, return_entropy: bool,
-            ignore_index: int, impl: str, sharded: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fwd_impl(logits, labels, temperature, return_entropy, ignore_index, impl, sharded):
+    """The forward of either fast impl -> (logp, lse, entropy | empty): the custom op's body."""
     if impl == "native":
         x2, lab = _native_2d(logits, labels, ignore_index, sharded)
         lp, lse, ent = torch.ops.flowrl_kernels_native.token_logprobs_fwd(
             x2, lab, temperature, return_entropy, ignore_index)
         return lp.view(labels.shape), lse.view(labels.shape), ent.view(labels.shape) if return_entropy else ent
     return _fwd_triton(logits, labels, temperature, return_entropy, ignore_index, sharded)
+
+
+@torch.library.custom_op("flowrl_kernels::token_logprobs_fwd", mutates_args=())
+def _fwd_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float, return_entropy: bool,
+            ignore_index: int, impl: str, sharded: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fwd_impl(logits, labels, temperature, return_entropy, ignore_index, impl, sharded)
 
 
 @_fwd_op.register_fake
@@ -341,10 +361,8 @@ def _(logits, labels, temperature, return_entropy, ignore_index, impl, sharded):
     return out, torch.empty_like(out), ent
 
 
-@torch.library.custom_op("flowrl_kernels::token_logprobs_bwd", mutates_args=())
-def _bwd_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
-            grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor], temperature: float,
-            ignore_index: int, impl: str, sharded: bool) -> torch.Tensor:
+def _bwd_impl(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, impl, sharded):
+    """The backward of either fast impl -> grad_logits: the custom op's body."""
     if impl == "native":
         x2, lab = _native_2d(logits, labels, ignore_index, sharded)
         ge = None if grad_entropy is None else grad_entropy.reshape(-1).float().contiguous()
@@ -353,6 +371,14 @@ def _bwd_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entro
             temperature, ignore_index)
         return g.view(logits.shape)
     return _bwd_triton(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index)
+
+
+@torch.library.custom_op("flowrl_kernels::token_logprobs_bwd", mutates_args=())
+def _bwd_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+            grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor], temperature: float,
+            ignore_index: int, impl: str, sharded: bool) -> torch.Tensor:
+    return _bwd_impl(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, impl,
+                     sharded)
 
 
 @_bwd_op.register_fake
@@ -369,18 +395,35 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, grad_logp, grad_lse, grad_ent):
+def _backward(ctx, grad_logp, grad_lse, grad_ent, bwd=None):
     logits, labels, lse, ent = ctx.saved_tensors
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
     if not ctx.return_entropy:
         grad_ent = None
-    grad = _bwd_op(logits, labels, lse, ent, grad_logp, grad_ent, ctx.temperature, ctx.ignore_index, ctx.impl,
-                   ctx.sharded)
+    grad = (bwd or _bwd_op)(logits, labels, lse, ent, grad_logp, grad_ent, ctx.temperature, ctx.ignore_index,
+                            ctx.impl, ctx.sharded)
     return grad, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerTokenLogprobs(torch.autograd.Function):
+    """Eager twin of the custom op: the same kernels, context and backward, without torch.library's
+    per-call Python dispatch (the custom op's wrapping was ~80% of the public call's host time on a tiny
+    input, bench/host_overhead.py). torch.compile traces the custom op instead (token_logprobs picks)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, return_entropy, ignore_index, impl, sharded):
+        out = _fwd_impl(logits, labels, temperature, return_entropy, ignore_index, impl, sharded)
+        _setup_context(ctx, (logits, labels, temperature, return_entropy, ignore_index, impl, sharded), out)
+        ctx.set_materialize_grads(False)  # an unused entropy costs no zero [N] gradient, nor its reads
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_lse, grad_ent):
+        return _backward(ctx, grad_logp, grad_lse, grad_ent, bwd=_bwd_impl)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -453,5 +496,6 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     if impl == "torch":
         return reference.token_logprobs(logits, labels, temperature=temperature,
                                         return_entropy=return_entropy, ignore_index=ignore_index)
-    logp, _, ent = _fwd_op(logits, labels, temperature, return_entropy, ignore_index, impl, False)
+    fwd = _fwd_op if torch.compiler.is_compiling() else _EagerTokenLogprobs.apply
+    logp, _, ent = fwd(logits, labels, temperature, return_entropy, ignore_index, impl, False)
     return (logp, ent) if return_entropy else logp
