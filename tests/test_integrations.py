@@ -465,6 +465,28 @@ def test_hf_refuses_what_it_cannot_reproduce(device):
     assert "forward" not in cohere.lm_head.__dict__
 
 
+def test_hf_probe_checked_once_per_model(device, monkeypatch):
+    # the post-head probe costs a host sync: it runs on a model's first call only, and later calls
+    # still give the model's own log-probs
+    import flowrl_kernels.hf as hf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    seen = []
+    real = hf._check_probe
+    monkeypatch.setattr(hf, "_check_probe", lambda probe, scale: (seen.append(1), real(probe, scale)))
+    model = _tiny(LlamaForCausalLM, LlamaConfig).to(device)
+    for _ in range(3):
+        ids, am, rm = _batch(device=device)
+        logp = hf.response_logprobs(model, ids, am, rm)
+        expect = torch.log_softmax(model(input_ids=ids, attention_mask=am,
+                                         position_ids=hf.left_padded_position_ids(am)).logits.float(), -1)
+        expect = expect[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        sel = ((rm != 0) & (am != 0))[:, 1:]
+        assert torch.allclose(logp[:, 1:][sel], expect[sel], atol=1e-4)
+        assert (logp[:, 1:][~sel] == 0).all() and (logp[:, 0] == 0).all()
+    assert len(seen) == 1
+
+
 def _fsdp2_worker(rank, world, init_file, queue):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
