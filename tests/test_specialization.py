@@ -20,15 +20,9 @@ one variant per kernel (the cheapest the launchers use) each int arg = 1 alone. 
 2 cores. The compile runs in a subprocess without TRITON_INTERPRET (conftest sets it; with it set,
 @triton.jit returns interpreter objects the compiler cannot lower).
 """
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from sm_codegen import run_script
 
 # kernel -> module; the sweep (each int arg = 1 alone) runs on the variant recorded by the scenario
 # marked "sweep" below (the cheapest configuration a launcher uses for that kernel)
@@ -44,13 +38,12 @@ EXPECTED = {
 
 _SCRIPT = r'''
 import importlib, json, pkgutil, sys, time, traceback
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import torch
 from triton.runtime.jit import JITFunction
 import flowrl_kernels as fk
 import flowrl_kernels.ops as ops_pkg
 from flowrl_kernels import _utils
+from sm_codegen import DIVISIBLE_16, compile_for, emit
 
 # 1. discover every kernel: module-level JITFunctions named *_kernel (helpers are inlined into them)
 kernels = {}
@@ -166,7 +159,7 @@ def spec(fn, args, kwargs):
         elif isinstance(v, torch.Tensor):
             sig[p.name] = "*" + TY[v.dtype]
             if v.data_ptr() % 16 == 0 and not p.do_not_specialize_on_alignment:
-                attrs[(i,)] = [["tt.divisibility", 16]]
+                attrs[(i,)] = DIVISIBLE_16
         elif isinstance(v, bool):
             sig[p.name] = "i1"
         elif isinstance(v, int):
@@ -175,7 +168,7 @@ def spec(fn, args, kwargs):
             else:
                 sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
                 if v % 16 == 0 and not p.do_not_specialize_on_alignment:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
+                    attrs[(i,)] = DIVISIBLE_16
                 if not p.do_not_specialize:
                     ints.append(i)
         elif isinstance(v, float):
@@ -189,8 +182,7 @@ def compile_with_ones(fn, sig, const, attrs, options, ones):
     for i in ones:
         sig[fn.arg_names[i]], const[(i,)] = "constexpr", 1
         attrs.pop((i,), None)
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                   target=GPUTarget("cuda", 90, 32), options=options)
+    compile_for(fn, sig, const, attrs, options)
 
 results, seen, swept = [], set(), set()
 for name, scen, args, kwargs in log:
@@ -215,26 +207,14 @@ for name, scen, args, kwargs in log:
             err = "".join(traceback.format_exception_only(type(e), e))[-1500:]
         results.append({"kernel": name, "variant": variant, "ones": label, "error": err,
                         "seconds": round(time.time() - t0, 2)})
-print("@@JSON@@" + json.dumps({"discovered": sorted(kernels), "recorded": sorted({r[0] for r in log}),
-                                "swept": sorted(swept), "results": results}))
+emit({"discovered": sorted(kernels), "recorded": sorted({r[0] for r in log}), "swept": sorted(swept),
+      "results": results})
 '''
 
 
 @pytest.fixture(scope="module")
 def report():
-    triton = pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as e:  # pragma: no cover - depends on the triton release
-        pytest.skip(f"triton {triton.__version__} has no ASTSource / GPUTarget: {e}")
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, f"recording / compile subprocess failed:\n{r.stderr[-4000:]}"
-    out = json.loads(r.stdout.split("@@JSON@@", 1)[1])
+    out = run_script(_SCRIPT, timeout=900, cuobjdump_needed=False)
     total = sum(x["seconds"] for x in out["results"])
     print(f"{len(out['results'])} sm_90 compiles in {total:.0f} s")
     return out

@@ -15,7 +15,8 @@ replacement relies on, and a builder that turns the original into the replacemen
 ``unpatch()`` restores exactly the bindings it changed (and only those still holding our object).
 
 Shared by the replacements: ``why_not_ours`` (the inputs our ops cannot take with the peer's exact
-semantics, so the peer's original runs) and ``note_path`` (one debug line per process per function and
+semantics, so the peer's original runs), ``entropy_rounded_once`` (the builder of OpenRLHF's and verl's
+same-contract entropy replacements) and ``note_path`` (one debug line per process per function and
 path, so a user can see which path ran: ``logging.getLogger("flowrl_kernels.integrations").setLevel
 (logging.DEBUG)``).
 """
@@ -34,7 +35,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["PatchError", "Target", "Integration", "why_not_ours", "note_path", "entropy", "HALF", "NO_IGNORE"]
+__all__ = ["PatchError", "Target", "Integration", "why_not_ours", "note_path", "entropy", "entropy_rounded_once",
+           "HALF", "NO_IGNORE"]
 
 HALF = (torch.float16, torch.bfloat16)
 # ``ignore_index`` for peers' paths that ignore nothing: -100 must stay an error there (a gather out of range),
@@ -71,6 +73,26 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
     labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
     return token_logprobs(logits, labels, return_entropy=True)[1]
+
+
+def entropy_rounded_once(logger: logging.Logger, function: str, peer: str) -> Callable[[object], object]:
+    """``Target.build`` for a peer's ``f(logits) -> entropy in logits.dtype`` (OpenRLHF's compute_entropy,
+    verl's entropy_from_logits): ``entropy`` in fp32, rounded once to the logits' dtype; the peer's original
+    where ``why_not_ours`` says so. Logged as ``"<function>: <peer>'s own code (<why>)"`` or ours."""
+
+    def build(original):
+        def replacement(logits):
+            why = why_not_ours(logits)
+            if why is not None:
+                note_path(logger, function, f"{peer}'s own code ({why})")
+                return original(logits)
+            note_path(logger, function, f"flowrl_kernels.token_logprobs, {logits.dtype} out (fp32 math, rounded once)")
+            return entropy(logits).to(logits.dtype)
+
+        replacement.__name__ = replacement.__qualname__ = function.rsplit(".", 1)[-1]
+        return replacement
+
+    return build
 
 
 def note_path(logger: logging.Logger, function: str, path: str) -> None:

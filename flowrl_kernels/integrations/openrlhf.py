@@ -42,7 +42,7 @@ import logging
 
 import flowrl_kernels as _fk
 
-from ._patching import HALF, NO_IGNORE, Integration, PatchError, Target, entropy, note_path, why_not_ours
+from ._patching import HALF, NO_IGNORE, Integration, PatchError, Target, entropy_rounded_once, note_path, why_not_ours
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "PatchError", "INTEGRATION"]
 
@@ -79,18 +79,7 @@ def _build_log_probs_from_logits(original):
     return log_probs_from_logits
 
 
-def _build_compute_entropy(original):
-    name = "openrlhf.compute_entropy"
-
-    def compute_entropy(logits):
-        why = why_not_ours(logits)
-        if why is not None:
-            note_path(_LOG, name, f"OpenRLHF's own code ({why})")
-            return original(logits)
-        note_path(_LOG, name, f"flowrl_kernels.token_logprobs, {logits.dtype} out (fp32 math, rounded once)")
-        return entropy(logits).to(logits.dtype)
-
-    return compute_entropy
+_build_compute_entropy = entropy_rounded_once(_LOG, "openrlhf.compute_entropy", "OpenRLHF")
 
 
 INTEGRATION = Integration(

@@ -52,7 +52,8 @@ import torch
 
 import flowrl_kernels as _fk
 
-from ._patching import HALF, NO_IGNORE, Integration, PatchError, Target, entropy, note_path, why_not_ours
+from ._patching import (HALF, NO_IGNORE, Integration, PatchError, Target, entropy, entropy_rounded_once, note_path,
+                        why_not_ours)
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "PatchError", "INTEGRATION"]
 
@@ -87,18 +88,7 @@ def _build_logprobs_from_logits(original):
     return logprobs_from_logits
 
 
-def _build_entropy_from_logits(original):
-    name = "verl.entropy_from_logits"
-
-    def entropy_from_logits(logits):
-        why = why_not_ours(logits)
-        if why is not None:
-            note_path(_LOG, name, f"verl's own code ({why})")
-            return original(logits)
-        note_path(_LOG, name, f"flowrl_kernels.token_logprobs, {logits.dtype} out (fp32 math, rounded once)")
-        return entropy(logits).to(logits.dtype)
-
-    return entropy_from_logits
+_build_entropy_from_logits = entropy_rounded_once(_LOG, "verl.entropy_from_logits", "verl")
 
 
 def _build_entropy_from_logits_with_chunking(original):
