@@ -61,9 +61,13 @@ train: setup
 	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) flowrl/train.py $(ARGS)
 
 # no TRITON_INTERPRET here: tests/conftest.py turns the interpreter on only where CUDA is absent, so on a
-# GPU machine the Triton ops run compiled (forcing it would run every GPU test through the interpreter)
+# GPU machine the Triton ops run compiled (forcing it would run every GPU test through the interpreter).
+# Two pytest-xdist workers, one test file each at a time (module fixtures such as the sm_90 compiles are
+# built once): on the 2-core box most tests are single-threaded Python (the Triton interpreter, nvcc,
+# subprocess trainers), so the suite takes about half the wall time of a serial run. WORKERS=0: serial.
+WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest tests -q $(ARGS)
+	$(BIN)/python -m pytest tests -q -n $(WORKERS) --dist loadfile $(ARGS)
 
 gpu-check:
 	DRY_RUN=$(DRY_RUN) PY=$(PY) bash scripts/gpu_check.sh
