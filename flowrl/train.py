@@ -67,18 +67,10 @@ class TrainingStopped(RuntimeError):
     """Too many consecutive non-finite steps; the message says where the last good checkpoint is."""
 
 
-def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) -> dict:
-    t0 = time.perf_counter()
-    G = cfg.rollout.group_size
-    problems = local_prompts(task, cfg, env, step)
-    policy.train()
-    batch = sampler.generate(policy, [task.messages(p) for p in problems], n=G,
-                             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, version=step)
-    rewards = torch.tensor([task.reward(problems[i // G], t) for i, t in enumerate(batch.texts)])
-    r_hat = algorithms.normalized_rewards(rewards, G).to(env.device)
-    t_gen = time.perf_counter()
-
+def update_policy(step, cfg, env, policy, ref, batch, r_hat, opt, sched):
+    """train.epochs passes over one rollout batch, one optimizer step per mini-batch (gradient accumulated
+    over micro-batches). Returns (summed micro-batch stats, # micro-batches, grad norms, # skipped
+    updates, time after the reference / old log-prob forwards). flowrl.experiments.diversity calls it too."""
     B, mask = len(batch), batch.response_mask
     mini = cfg.train.mini_batch_size or B
     micro = min(cfg.train.micro_batch_size, mini)
@@ -120,9 +112,24 @@ def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) 
                 continue
             opt.step()
             sched.step()
+    return sums, n_micro, grad_norms, skipped, t_lp
+
+
+def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) -> dict:
+    t0 = time.perf_counter()
+    G = cfg.rollout.group_size
+    problems = local_prompts(task, cfg, env, step)
+    policy.train()
+    batch = sampler.generate(policy, [task.messages(p) for p in problems], n=G,
+                             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, version=step)
+    rewards = torch.tensor([task.reward(problems[i // G], t) for i, t in enumerate(batch.texts)])
+    r_hat = algorithms.normalized_rewards(rewards, G).to(env.device)
+    t_gen = time.perf_counter()
+    sums, n_micro, grad_norms, skipped, t_lp = update_policy(step, cfg, env, policy, ref, batch, r_hat, opt, sched)
     t_end = time.perf_counter()
 
-    groups = rewards.view(-1, G)
+    groups, mask = rewards.view(-1, G), batch.response_mask
     tokens = float(batch.attention_mask.sum())
     record = {k: v / n_micro for k, v in sums.items()}
     record.update(reward_mean=float(rewards.mean()), reward_sq=float((rewards ** 2).mean()),
