@@ -1,13 +1,22 @@
 """flowrl.algorithms.importance_stats on hand-built batches: known log-ratios -> known clip fractions and
-mean |log w|, exactly (dyadic values, so every float32 sum and mean is exact)."""
+mean |log w|, exactly (dyadic values, so every float32 sum and mean is exact); and one trainer step of
+tiny.toml with epochs > 1 writes them to metrics.jsonl."""
 from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import flowrl_kernels
-from flowrl import algorithms
+from flowrl import algorithms, config, distributed, model, rollout, tasks, train
 from flowrl.config import Algo
+from flowrl.metrics import Metrics
+
+TINY = str(Path(__file__).resolve().parents[1] / "flowrl" / "configs" / "tiny.toml")
+CPU_ENV = distributed.Env(0, 0, 1, torch.device("cpu"), None)
 
 # 5 rows, T = 4; row 3 is empty (mask all 0) and must not count. Per-token log-ratios (logp - old) at the
 # valid tokens; the masked tokens carry garbage that must not leak in.
@@ -84,3 +93,25 @@ def test_objective_stats_carry_them():
     assert st["is_clip_low_frac"].item() == 1 / 4 and st["is_clip_high_frac"].item() == 2 / 4
     _, st = algorithms.objective(out, old, None, torch.zeros(5), mask, Algo(name="grpo"), n_seq=5, n_tok=9)
     assert {"is_clip_low_frac", "is_clip_high_frac", "is_log_w_abs"} <= set(st)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the trainer: metrics.jsonl of tiny.toml runs
+# ----------------------------------------------------------------------------------------------------
+def test_trainer_logs_them_to_metrics_jsonl(tmp_path):
+    """One FlowRL step of tiny.toml (16 sequences), epochs 2 x 2 mini-batches of 8 = 4 updates, 3 of them
+    on a policy that has moved since it sampled: the three stats are in metrics.jsonl, |log w| > 0, and the
+    low / high split adds up to the loss's own clip fraction (micro-batch by micro-batch)."""
+    cfg = config.load(["--config", TINY, "--train.steps=1", "--eval.prompts=0", f"--run.out_dir={tmp_path}",
+                       "--train.epochs=2", "--train.mini_batch_size=8"])
+    torch.manual_seed(0)
+    policy, ref, tok = model.build(cfg, CPU_ENV)
+    opt, sched = train.build_optimizer(policy, cfg)
+    metrics = Metrics(cfg.run_dir, True, 1)
+    train.train_step(0, cfg, CPU_ENV, policy, ref, rollout.HFRollout(tok, CPU_ENV.device), tasks.build(cfg, "train"),
+                     opt, sched, metrics)
+    metrics.close()
+    rec = json.loads((cfg.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= rec["is_clip_low_frac"] <= 1.0 and 0.0 <= rec["is_clip_high_frac"] <= 1.0
+    assert 0.0 < rec["is_log_w_abs"] < math.inf
+    assert rec["is_clip_low_frac"] + rec["is_clip_high_frac"] == pytest.approx(rec["is_clip_frac"], abs=1e-6)
