@@ -555,7 +555,9 @@ def plot_schedules(results: dict, out: Path, name: str, plt) -> List[Path]:
              ("train_delta_abs", "FlowRL |delta|")]
     fig, axes = plt.subplots(1, len(stats), figsize=(4.2 * len(stats), 3.4))
     for ax, (k, title) in zip(axes, stats):
-        for lab in dict.fromkeys(label(r) for r in runs if r["algo"] in ("flowrl", "grpo")):
+        # on-policy (1x1) runs are exactly 0 here: left out
+        for lab in dict.fromkeys(label(r) for r in runs
+                                 if r["algo"] in ("flowrl", "grpo") and schedule_of(r) != "1x1"):
             rs = [r for r in runs if label(r) == lab and k in r["history"][-1]]
             if not rs:
                 continue
