@@ -279,3 +279,14 @@ def test_from_json_merges_runs_saved_by_separate_processes(tmp_path):
     assert len(exp.load_runs([a, str(tmp_path / "s0_4x2.json")], "countdown")["runs"]) == 4
     with pytest.raises(ValueError, match="expected 'tiny'"):
         exp.load_runs([a], "tiny")
+
+
+def test_offpolicy_grid_script_parses(tmp_path):
+    """flowrl/experiments/offpolicy_grid.sh: valid bash, and a bad PART stops before any run."""
+    import subprocess
+    script = Path(exp.__file__).with_name("offpolicy_grid.sh")
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    res = subprocess.run(["bash", str(script)], env={"PART": "nope", "OUT": str(tmp_path), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "PART=nope: use all, main, ablations or headline" in res.stderr
+    assert list(tmp_path.iterdir()) == []
