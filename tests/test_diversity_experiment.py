@@ -205,11 +205,16 @@ def test_table_pairs_within_a_schedule_and_bolds_intervals_that_exclude_zero():
     rows = {line.split(" |")[0][2:]: line for line in md[2:]}
     assert rows["flowrl 4x2 (n=3)"] == "| flowrl 4x2 (n=3) | 1.507 ± 0.025 | 1.000 ± 0.000 |"
     # differences 0.51, 0.48, 0.53: mean 0.507, s.e. 0.0145, t(2) interval [+0.444, +0.569]: bold
-    assert "| **+0.507 ± 0.015 [+0.444, +0.569] (3/3)** |" in rows[
-        "flowrl 4x2 - grpo, paired (mean ± s.e. [95% t-interval], # seeds > 0)"]
-    assert "**-0.493 ± 0.015 [-0.556, -0.431] (0/3)**" in rows[
-        "flowrl-noclip 4x2 - grpo, paired (mean ± s.e. [95% t-interval], # seeds > 0)"]
-    assert "flowrl-noclip - grpo, paired (mean ± s.e. [95% t-interval], # seeds > 0)" not in rows
+    paired = "paired (mean ± s.e. [95% t-interval], # seeds > 0)"
+    assert "| **+0.507 ± 0.015 [+0.444, +0.569] (3/3)** |" in rows[f"flowrl 4x2 - grpo 4x2, {paired}"]
+    assert "**-0.493 ± 0.015 [-0.556, -0.431] (0/3)**" in rows[f"flowrl-noclip 4x2 - grpo 4x2, {paired}"]
+    assert len(rows) == 5 + 3  # 5 groups; flowrl 1x1, flowrl 4x2, flowrl-noclip 4x2 against GRPO
+    # kind="all": + the variant against plain FlowRL, + each method against itself on-policy
+    rows = {line.split(" |")[0][2:]: line for line in exp.table({"runs": runs}, kind="all").splitlines()[2:]}
+    assert len(rows) == 5 + 3 + 1 + 2
+    assert "| **-1.000 ± 0.000 [-1.000, -1.000] (0/3)** |" in rows[f"flowrl-noclip 4x2 - flowrl 4x2, {paired}"]
+    one = "**+1.000 ± 0.000 [+1.000, +1.000] (3/3)**"  # 4x2 - 1x1 of GRPO: +1 in kl and train_x, every seed
+    assert rows[f"grpo 4x2 - grpo, {paired}"].endswith(f"| {one} | {one} |")
 
 
 def test_t_quantile_and_schedules():

@@ -58,7 +58,8 @@ MALFORMED = "<malformed>"
 MALFORMED_FLOOR = 1e-12
 CPU = torch.device("cpu")
 COLORS = {"flowrl": "tab:blue", "grpo": "tab:red", "flowrl-raw": "tab:green", "flowrl-noclip": "tab:orange",
-          "flowrl-seqmean": "tab:purple", "flowrl-beta5": "tab:olive", "flowrl-beta30": "tab:cyan"}
+          "flowrl-seqmean": "tab:purple", "flowrl-beta5": "tab:olive", "flowrl-beta30": "tab:cyan",
+          "flowrl-noweight": "tab:brown"}
 LINESTYLES = ("-", "--", "-.", ":")
 
 
@@ -180,7 +181,7 @@ def rl_step(policy, ref, tok, opt, sched, cfg: config.Config, messages: List[lis
 # FlowRL variants (issue 17's ablations): trainer [algo] overrides, and whether the loss sees the raw reward
 METHODS = {"flowrl": ({}, False), "grpo": ({}, False), "flowrl-raw": ({}, True),
            "flowrl-noclip": ({"clip": [-1.0, -1.0]}, False),
-           "flowrl-seqmean": ({"importance": "sequence_mean"}, False),
+           "flowrl-seqmean": ({"importance": "sequence_mean"}, False), "flowrl-noweight": ({"importance": "none"}, False),
            "flowrl-beta5": ({"beta": 5.0}, False), "flowrl-beta30": ({"beta": 30.0}, False)}
 SUMMARY_KEYS = ("exact_accuracy", "exact_eff_correct", "exact_entropy", "exact_kl", "exact_kl_fwd",
                 "train_is_clip_low_frac", "train_is_clip_high_frac", "train_is_log_w_abs", "train_delta_abs")
@@ -443,9 +444,23 @@ def paired(diffs: Sequence[float]) -> str:
     return f"**{cell}**" if m - half > 0 or m + half < 0 else cell
 
 
-def table(results: dict, keys: Optional[Sequence[str]] = None) -> str:
+def contrasts(groups: Sequence[tuple], kind: str = "grpo") -> List[tuple]:
+    """Pairs ((schedule, method), (schedule, baseline)) of the (schedule, method) groups present.
+
+    kind 'grpo': every method against GRPO at its schedule. 'all' adds every FlowRL variant against
+    plain FlowRL at its schedule (what clipping, the GSPO ratio, beta change) and every method at each
+    off-policy schedule against itself on-policy (1x1: what the extra updates change)."""
+    have = set(groups)
+    pairs = [(g, (g[0], "grpo")) for g in groups if g[1] != "grpo" and (g[0], "grpo") in have]
+    if kind == "all":
+        pairs += [(g, (g[0], "flowrl")) for g in groups if g[1] not in ("flowrl", "grpo") and (g[0], "flowrl") in have]
+        pairs += [(g, ("1x1", g[1])) for g in groups if g[0] != "1x1" and ("1x1", g[1]) in have]
+    return pairs
+
+
+def table(results: dict, keys: Optional[Sequence[str]] = None, kind: str = "grpo") -> str:
     """Markdown: final metrics, mean ± sample std over seeds, one row per method and update schedule
-    (+ pi_ref), then each method's seed-paired difference to GRPO at the same schedule."""
+    (+ pi_ref), then seed-paired differences (``contrasts(kind)``; default: each method - GRPO)."""
     runs = results["runs"]
     if keys is None:
         keys = list(dict.fromkeys(k for r in runs for k in final(r)))
@@ -455,28 +470,29 @@ def table(results: dict, keys: Optional[Sequence[str]] = None) -> str:
         lines.append("| pi_ref (init) | " + " | ".join(f"{ref[k]:.3f}" if k in ref else "" for k in keys) + " |")
     groups = list(dict.fromkeys((schedule_of(r), r["algo"]) for r in runs))
     by_seed = {(schedule_of(r), r["algo"], r["seed"]): final(r) for r in runs}
-    for sch, algo in groups:
-        finals = [f for (s2, a2, _), f in by_seed.items() if (s2, a2) == (sch, algo)]
+    name = {g: label({"schedule": g[0], "algo": g[1]}) for g in groups}
+    for g in groups:
+        finals = [f for (sch, algo, _), f in by_seed.items() if (sch, algo) == g]
         cells = []
         for k in keys:
             v = [f[k] for f in finals if k in f]
             sd = statistics.stdev(v) if len(v) > 1 else 0.0
             cells.append(f"{statistics.mean(v):.3f} ± {sd:.3f}" if v else "")
-        lines.append(f"| {label({'algo': algo, 'schedule': sch})} (n={len(finals)}) | " + " | ".join(cells) + " |")
-    # Both methods share each seed's init, prompt order and log Z init, so the per-seed difference is the
-    # sharper comparison: mean ± standard error of (method - grpo), its 95% t-interval (n - 1 degrees of
-    # freedom) and in how many seeds the method is higher.
-    for sch, algo in groups:
-        seeds = [sd for (s2, a2, sd) in by_seed if (s2, a2) == (sch, algo) and (sch, "grpo", sd) in by_seed]
-        if algo == "grpo" or len(seeds) < 2:
+        lines.append(f"| {name[g]} (n={len(finals)}) | " + " | ".join(cells) + " |")
+    # Every run of one seed shares the init, the prompt order and the log Z init, so the per-seed difference
+    # is the sharper comparison: mean ± standard error of (a - b), its 95% t-interval (n - 1 degrees of
+    # freedom) and in how many seeds a is higher.
+    for a, b in contrasts(groups, kind):
+        seeds = [sd for (sch, algo, sd) in by_seed if (sch, algo) == a and (*b, sd) in by_seed]
+        if len(seeds) < 2:
             continue
         cells = []
         for k in keys:
-            d = [by_seed[sch, algo, sd][k] - by_seed[sch, "grpo", sd][k] for sd in seeds
-                 if k in by_seed[sch, algo, sd] and k in by_seed[sch, "grpo", sd]]
+            d = [by_seed[(*a, sd)][k] - by_seed[(*b, sd)][k] for sd in seeds
+                 if k in by_seed[(*a, sd)] and k in by_seed[(*b, sd)]]
             cells.append(paired(d) if len(d) == len(seeds) else "")
-        lines.append(f"| {label({'algo': algo, 'schedule': sch})} - grpo, paired (mean ± s.e. [95% t-interval], "
-                     f"# seeds > 0) | " + " | ".join(cells) + " |")
+        lines.append(f"| {name[a]} - {name[b]}, paired (mean ± s.e. [95% t-interval], # seeds > 0) | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -620,6 +636,7 @@ def parse_args(argv=None):
                    help="flowrl-raw: the FlowRL loss on the raw reward r instead of the group z-score r_hat "
                         "(an ablation: its trajectory-balance target is exactly p*); flowrl-noclip: unclipped "
                         "importance weights; flowrl-seqmean: the per-token-mean ratio (GSPO), same clip; "
+                        "flowrl-noweight: no importance weights (w = 1); "
                         "flowrl-beta5 / -beta30: loss beta 5 / 30 (p* of the metrics keeps --beta)")
     p.add_argument("--schedules", nargs="+", type=parse_schedule, default=[(1, 1)], metavar="ExM",
                    help="update schedules: E epochs over each rollout batch, M mini-batches each (E * M optimizer "
@@ -703,7 +720,7 @@ def main(argv=None) -> dict:
     (out / f"diversity_{args.name}_table.md").write_text(md + "\n")
     print(md, flush=True)
     if args.setting == "tiny":  # the columns docs/diversity.md quotes
-        summary = table(results, [k for k in SUMMARY_KEYS if any(k in final(r) for r in results["runs"])])
+        summary = table(results, [k for k in SUMMARY_KEYS if any(k in final(r) for r in results["runs"])], "all")
         (out / f"diversity_{args.name}_summary.md").write_text(summary + "\n")
     if not args.no_plots:
         for path in plot(results, out, args.name):
