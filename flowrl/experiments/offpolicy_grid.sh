@@ -37,7 +37,7 @@ add() {  # add SCHEDULE METHODS(comma-separated): one cell per chunk of 5 seeds
 case $PART in
     all|main|headline) for sch in 1x1 4x2 $([ "$PART" = headline ] || echo 2x2 1x2); do
                            add "$sch" flowrl,grpo; done ;;&
-    all|ablations) add 4x2 flowrl-noclip,flowrl-seqmean; add 4x2 flowrl-beta5,flowrl-beta30 ;;
+    all|ablations) add 4x2 flowrl-noclip,flowrl-seqmean; add 4x2 flowrl-beta5,flowrl-beta30; add 4x2 flowrl-noweight ;;
     main|headline) ;;
     *) echo "PART=$PART: use all, main, ablations or headline" >&2; exit 2 ;;
 esac
