@@ -183,7 +183,7 @@ METHODS = {"flowrl": ({}, False), "grpo": ({}, False), "flowrl-raw": ({}, True),
            "flowrl-noclip": ({"clip": [-1.0, -1.0]}, False),
            "flowrl-seqmean": ({"importance": "sequence_mean"}, False), "flowrl-noweight": ({"importance": "none"}, False),
            "flowrl-beta5": ({"beta": 5.0}, False), "flowrl-beta30": ({"beta": 30.0}, False)}
-SUMMARY_KEYS = ("exact_accuracy", "exact_eff_correct", "exact_entropy", "exact_kl", "exact_kl_fwd",
+SUMMARY_KEYS = ("exact_accuracy", "exact_eff_correct", "exact_entropy", "exact_kl", "exact_kl_fwd", "exact_malformed",
                 "train_is_clip_low_frac", "train_is_clip_high_frac", "train_is_log_w_abs", "train_delta_abs")
 # per-step trainer stats kept in the results (metrics.jsonl names): how off-policy each update was
 TRAIN_KEYS = ("is_clip_low_frac", "is_clip_high_frac", "is_log_w_abs", "is_clip_frac", "delta_abs", "grad_norm",
