@@ -22,7 +22,8 @@ from bench.common import DEVICE, MODES, ON_GPU, Provider, Unavailable, compiled,
 
 # (B sequences, T tokens): a training batch of the paper's setup (512 prompts x 8 rollouts split in
 # mini-batches; responses up to 8192 tokens) and a long-context one; CPU sizes keep the suite short.
-SHAPES = [(512, 8192), (64, 32768)] if ON_GPU else [(128, 8192), (16, 32768)]
+# GPU also 8 x 128: a micro-batch where the host cost per call is most of the time (device_ms vs median_ms)
+SHAPES = [(512, 8192), (64, 32768), (8, 128)] if ON_GPU else [(128, 8192), (16, 32768)]
 if os.environ.get("FLOWRL_BENCH_LOSS_BT"):
     SHAPES = [tuple(int(x) for x in os.environ["FLOWRL_BENCH_LOSS_BT"].split("x"))]
 PROVIDERS = ["triton", "native", "torch", "reference", "compile"]

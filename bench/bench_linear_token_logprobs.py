@@ -14,6 +14,8 @@ Providers ("+H" = also returns the entropy, with its gradient):
   lm_head                                     what a model does: logits = hidden @ weight.T in the input
                                               dtype, then reference.token_logprobs (skipped at float32,
                                               where it is the reference)
+  lm_head-plain                               the same logits, then the plain log_softmax(x.float())
+                                              .gather(...) a user writes (common.plain_token_logprobs)
   compile                                     torch.compile of the reference
   liger, cce                                  Liger fused_linear_cross_entropy and Cut Cross-Entropy with
                                               reduction="none": -logp only (no entropy, no temperature)
@@ -25,7 +27,7 @@ import torch
 
 from bench import peers
 from bench.common import (DEVICE, DTYPE, MODELS, ON_GPU, Provider, Shape, Unavailable, cases, compiled, fk_op,
-                          labels_for, run_case)
+                          labels_for, plain_token_logprobs, run_case)
 
 # GPU: 8192 tokens. CPU: fp32 matmuls run at ~0.1-0.2 TFLOP/s on 2 cores, so a full step at N=16,
 # V=152064 (8NHV = 70 GFLOP) already takes ~0.5 s; the suite must stay under 10 minutes.
@@ -44,7 +46,7 @@ else:
 TEMPERATURE = 1.0
 IGNORE = -100
 PROVIDERS = ["triton", "triton+H", "native", "native+H", "torch", "torch+H", "reference", "reference+H", "lm_head",
-             "compile", "liger", "cce"]
+             "lm_head-plain", "compile", "liger", "cce"]
 
 
 def provider(name: str) -> Provider:
@@ -64,6 +66,11 @@ def provider(name: str) -> Provider:
             raise Unavailable("at float32 the lm_head path is the reference itself")
         return Provider(lambda hidden, weight, labels: reference.token_logprobs(
             hidden @ weight.t(), labels, temperature=TEMPERATURE, ignore_index=IGNORE))
+    if name == "lm_head-plain":
+        if DTYPE == torch.float32:
+            raise Unavailable("at float32 the lm_head path is the reference itself")
+        return Provider(lambda hidden, weight, labels: plain_token_logprobs(
+            hidden @ weight.t(), labels, TEMPERATURE, IGNORE))
     if name == "compile":
         f = compiled(reference.linear_token_logprobs)
         return Provider(lambda hidden, weight, labels: f(hidden, weight, labels, temperature=TEMPERATURE,

@@ -5,7 +5,10 @@ writes grad_logits once, 2*N*V*s; full = 3*N*V*s. Labels and the fp32 [N] output
 
 Providers ("+H" = also returns the entropy, with its gradient):
   triton, triton+H, native, native+H, torch   flowrl_kernels.token_logprobs(impl=...)
-  reference, reference+H                      flowrl_kernels.reference.token_logprobs (the spec)
+  plain, plain+H                              what a user writes instead: log_softmax(logits.float() / T)
+                                              .gather(label) (+ entropy from the same log-softmax)
+  reference, reference+H                      flowrl_kernels.reference.token_logprobs (the spec: slower than
+                                              plain, it guards every edge case in float64-safe steps)
   compile                                     torch.compile of the reference
   trl, trl+H                                  TRL selective_log_softmax / selective_log_softmax_and_entropy
   liger, flash-attn                           cross-entropy kernels with reduction="none": they return
@@ -18,19 +21,24 @@ import torch
 
 from bench import peers
 from bench.common import (DEVICE, DTYPE, MODELS, ON_GPU, Provider, Shape, Unavailable, cases, compiled, fk_op,
-                          labels_for, logits_shapes, run_case)
+                          labels_for, logits_shapes, plain_token_logprobs, run_case)
 
 # N = tokens per micro-batch: 8192 is the PEERS.md anchor (H100, bf16); CPU sizes keep the suite short.
 N0 = int(os.environ.get("FLOWRL_BENCH_N", 8192 if ON_GPU else 128))
 SHAPES = logits_shapes(N0, (N0 // 2, N0, N0 * 2))
+if ON_GPU:
+    # micro-batches where the host cost of a call (Python, checks, launch) is a large part of the time:
+    # device_ms beside median_ms shows it (overhead_ms)
+    SHAPES += [Shape("qwen2.5-7b", n, *MODELS["qwen2.5-7b"]) for n in (256, 1024) if n < N0]
 if not ON_GPU:
     # bf16 logits on the CPU (a bf16 model's lm_head output): half the bytes, but the reference upcasts
     # them to fp32 first (folded from the native helper's bench_native_token_logprobs.py, bf16 V=151936)
     SHAPES.append(Shape("qwen2.5-7b", N0, *MODELS["qwen2.5-7b"], modes=("forward", "full"), dtype=torch.bfloat16))
 TEMPERATURE = 1.0  # the peers without a temperature argument (Liger) are only exact at T = 1
 IGNORE = -100
-PROVIDERS = ["triton", "triton+H", "native", "native+H", "torch", "reference", "reference+H", "compile",
-             "trl", "trl+H", "liger", "flash-attn"]
+PROVIDERS = ["triton", "triton+H", "native", "native+H", "torch", "plain", "plain+H", "reference", "reference+H",
+             "compile", "trl", "trl+H", "liger", "flash-attn"]
+
 
 
 def provider(name: str) -> Provider:
@@ -42,6 +50,8 @@ def provider(name: str) -> Provider:
         op = fk_op("token_logprobs", base)
         return Provider(lambda logits, labels: op(logits, labels, temperature=TEMPERATURE, return_entropy=ent,
                                                   ignore_index=IGNORE, impl=base))
+    if base == "plain":
+        return Provider(lambda logits, labels: plain_token_logprobs(logits, labels, TEMPERATURE, IGNORE, ent))
     if base == "reference":
         return Provider(lambda logits, labels: reference.token_logprobs(
             logits, labels, temperature=TEMPERATURE, return_entropy=ent, ignore_index=IGNORE))

@@ -7,11 +7,19 @@ Every bench file builds a dict of providers (name -> callable or a skip reason) 
     backward  only ``torch.autograd.backward(outputs, random upstream grads)``; the forward runs in setup
     full      forward + backward, what one training step pays
 
-Timing: ``benchmark.pedantic`` with one call per round (the GPU is synchronized at the end of every
-call, so the host clock covers the device work); rounds are sized from a probe call to spend about
-ROUND_BUDGET_S per case. ``extra_info`` gets the median and p20/p80 in ms, GB/s and % of the byte
-floor (at the copy bandwidth measured on this machine), TFLOP/s and % of the measured matmul rate,
-and peak memory (see ``peak_memory``).
+Timing, two clocks:
+  host    ``benchmark.pedantic`` with one call per round, the GPU synchronized at the end of every
+          call, so the host clock covers the device work AND the Python / launch overhead of the call
+          (what a training loop that waits on the result pays); ``median_ms``, ``p20_ms``, ``p80_ms``.
+  device  GPU only (``device_time``): CUDA events around the same call, the L2 flushed before every
+          round (a 256 MiB write, as ``triton.testing.do_bench`` does), rounds queued without a sync so
+          the host runs ahead and its overhead is hidden; ``device_ms`` (median) and ``overhead_ms`` =
+          host - device, the host cost per call that small micro-batches pay. On the CPU there is no
+          device clock: the fields are absent, never copied from the host time.
+Rounds are sized from a probe call to spend about ROUND_BUDGET_S per case. ``extra_info`` also gets
+GB/s and % of the byte floor (at the copy bandwidth measured on this machine), TFLOP/s and % of the
+measured matmul rate, from the host time, and the same from the device time (``device_GBps``,
+``device_pct_floor``, ``device_TFLOPs``, ``device_pct_matmul``), and peak memory (see ``peak_memory``).
 """
 from __future__ import annotations
 
@@ -295,6 +303,41 @@ def _percentile(sorted_xs: Sequence[float], q: float) -> float:
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
 
 
+# do_bench's L2 flush: a 256 MiB write evicts the 50-60 MB L2 of an H100 / H200 before every round
+_L2_FLUSH_BYTES = 256 * 2**20
+_FLUSH: Dict[str, torch.Tensor] = {}
+
+
+def device_time(setup: Callable[..., tuple], body: Callable, rounds: int, host_s: float) -> Dict[float, float]:
+    """Device time of ``body(*setup(sync=False))`` in ms: {0.2: p20, 0.5: median, 0.8: p80} (GPU only).
+
+    Per round: the inputs are made (untimed), the L2 is flushed, then CUDA events bracket the call. No
+    round synchronizes, and before each round's start event the GPU is given ``host_s`` (the host
+    clock of one whole call, capped at 2.5 ms) of ``torch.cuda._sleep``: the host queues the call while
+    the GPU sleeps, so an event pair measures the GPU's work for the call, not the Python and launch
+    time in front of it. (At ~2 GHz; on a slower clock the lead is shorter and a call whose host time
+    exceeds it shows some host time here: the device time is then an upper bound.)
+    """
+    if "buf" not in _FLUSH:
+        _FLUSH["buf"] = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=DEVICE)
+    cache = _FLUSH["buf"]
+    lead_cycles = int(min(host_s, 2.5e-3) * 2e9)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(max(5, rounds))]
+    torch.cuda.synchronize()
+    for start, end in events:
+        args = setup(sync=False)
+        cache.zero_()
+        torch.cuda._sleep(lead_cycles)
+        start.record()
+        body(*args)  # outputs freed at once: the caching allocator reuses them in stream order
+        end.record()
+        del args
+    torch.cuda.synchronize()
+    ts = sorted(s.elapsed_time(e) for s, e in events)
+    return {q: _percentile(ts, q) for q in (0.2, 0.5, 0.8)}
+
+
 def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[str, torch.Tensor]], mode: str,
              *, info: Dict[str, object], bytes_moved: Optional[Dict[str, float]] = None,
              flop: Optional[Dict[str, float]] = None, count_ops: bool = False) -> None:
@@ -327,54 +370,62 @@ def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[s
     def upstream(outs):
         return [torch.randn_like(o) for o in outs]
 
+    # setup(sync) builds one round's arguments (untimed); body(*args) is the timed call, without a sync
     if mode == "step":  # a whole training step: fn() does its own forward, backward and update
-        def setup():
-            _sync()
-            return (), {}
+        def setup(sync=True):
+            if sync:
+                _sync()
+            return ()
 
-        def target():
+        def body():
             provider.fn()
-            _sync()
     elif mode == "forward":
-        def setup():
+        def setup(sync=True):
             inp = leaves()
-            _sync()
-            return (inp,), {}
+            if sync:
+                _sync()
+            return (inp,)
 
-        def target(inp):
+        def body(inp):
             with torch.no_grad():
-                out = provider.fn(**inp)
-            _sync()
-            return out
+                return provider.fn(**inp)
     elif mode == "backward":
-        def setup():
+        def setup(sync=True):
             inp = leaves()
             outs = [o for o in _outputs(provider.fn(**inp)) if o.requires_grad]
             grads = upstream(outs)
-            _sync()
-            return (outs, grads), {}
+            if sync:
+                _sync()
+            return (outs, grads)
 
-        def target(outs, grads):
+        def body(outs, grads):
             torch.autograd.backward(outs, grads)
-            _sync()
     else:
-        def setup():
+        def setup(sync=True):
             inp = leaves()
-            _sync()
-            return (inp,), {}
+            if sync:
+                _sync()
+            return (inp,)
 
-        def target(inp):
+        def body(inp):
             outs = [o for o in _outputs(provider.fn(**inp)) if o.requires_grad]
             torch.autograd.backward(outs, upstream(outs))
-            _sync()
+
+    def target(*args):
+        out = body(*args)
+        _sync()
+        return out
+
+    def pedantic_setup():
+        return setup(), {}
 
     try:
         # probe: compiles / autotunes / warms caches, and sizes the rounds
         t0 = time.perf_counter()
         try:
-            args, kwargs = setup()
+            args = setup()
             t0 = time.perf_counter()
-            target(*args, **kwargs)
+            target(*args)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:
@@ -384,29 +435,34 @@ def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[s
                 pytest.skip(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
             raise
         probe = time.perf_counter() - t0
-        del args, kwargs
+        del args
         if benchmark.disabled:  # --benchmark-disable: one correctness-style run only
             return
         # slow cases (the fp32 reference of the fused lm_head: seconds on a CPU) get fewer rounds
         min_rounds = MIN_ROUNDS if probe < 0.25 else max(3, MIN_ROUNDS // 2)
         rounds = int(min(MAX_ROUNDS, max(min_rounds, ROUND_BUDGET_S / max(probe, 1e-6))))
         # the probe was the warm-up
-        benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=0, iterations=1)
-        args, kwargs = setup()
-        peak = peak_memory(lambda: target(*args, **kwargs))
-        del args, kwargs
+        benchmark.pedantic(target, setup=pedantic_setup, rounds=rounds, warmup_rounds=0, iterations=1)
+        # device clock: fewer rounds for slow cases (each round re-runs setup, e.g. a forward)
+        dev_ms = None
+        if ON_GPU and mode != "step":  # a training step's host work (sampling, the loop) is the point
+            host = sorted(benchmark.stats.stats.data)
+            dev_ms = device_time(setup, body, min(rounds, 30), _percentile(host, 0.5))
+        args = setup()
+        peak = peak_memory(lambda: target(*args))
+        del args
         if not ON_GPU:
             # CPU: once in a full suite run a call read ~1/4 of its peak on both counters (allocator and
             # RSS; not reproducible alone), so the CPU peak is the larger of two measured calls
-            args, kwargs = setup()
-            again = peak_memory(lambda: target(*args, **kwargs))
-            del args, kwargs
+            args = setup()
+            again = peak_memory(lambda: target(*args))
+            del args
             peak = {k: max(v, again.get(k, v)) for k, v in peak.items()}
         n_ops = None
         if count_ops:
-            args, kwargs = setup()
-            n_ops = count_aten_ops(lambda: target(*args, **kwargs))
-            del args, kwargs
+            args = setup()
+            n_ops = count_aten_ops(lambda: target(*args))
+            del args
     except torch.OutOfMemoryError as e:  # pragma: no cover - GPU only
         del base
         _free()
@@ -421,6 +477,9 @@ def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[s
     ei.update(mode=mode, rounds=len(data),
               p20_ms=_percentile(data, 0.2) * 1e3, median_ms=med * 1e3, p80_ms=_percentile(data, 0.8) * 1e3,
               **peak, copy_GBps=ceil["copy_GBps"], matmul_TFLOPs=ceil["matmul_TFLOPs"])
+    if dev_ms is not None:
+        ei.update(device_ms=dev_ms[0.5], device_p20_ms=dev_ms[0.2], device_p80_ms=dev_ms[0.8],
+                  overhead_ms=med * 1e3 - dev_ms[0.5])
     if provider.note:
         ei["note"] = provider.note
     if n_ops is not None:
@@ -430,11 +489,17 @@ def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[s
         ei["bytes_floor"] = b
         ei["GBps"] = b / med / 1e9
         ei["pct_floor"] = 100.0 * (b / (ceil["copy_GBps"] * 1e9)) / med
+        if dev_ms is not None:
+            ei["device_GBps"] = b / dev_ms[0.5] / 1e6
+            ei["device_pct_floor"] = 100.0 * (b / (ceil["copy_GBps"] * 1e9)) / (dev_ms[0.5] / 1e3)
     if flop is not None:
         f = flop[mode]
         ei["flop"] = f
         ei["TFLOPs"] = f / med / 1e12
         ei["pct_matmul"] = 100.0 * ei["TFLOPs"] / ceil["matmul_TFLOPs"]
+        if dev_ms is not None:
+            ei["device_TFLOPs"] = f / dev_ms[0.5] / 1e9
+            ei["device_pct_matmul"] = 100.0 * ei["device_TFLOPs"] / ceil["matmul_TFLOPs"]
     del base
     _free()
 
@@ -449,6 +514,17 @@ def labels_for(N: int, V: int, ignore_frac: float = 0.05, ignore_index: int = -1
     lab = torch.randint(0, V, (N,), device=DEVICE)
     lab[torch.rand(N, device=DEVICE) < ignore_frac] = ignore_index
     return lab
+
+
+def plain_token_logprobs(logits, labels, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """What a user writes without this library: fp32 log-softmax, gather, mask (+ entropy from the same
+    log-softmax). The baseline the README compares against (not flowrl_kernels.reference, the spec)."""
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    valid = labels != ignore_index
+    logp = logp_all.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1) * valid
+    if not return_entropy:
+        return logp
+    return logp, -(logp_all.exp() * logp_all).sum(-1) * valid
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -39,6 +39,14 @@ def pytest_collect_file(file_path, parent):
 
 
 _SKIPPED = {}  # test id -> skip reason (pytest-benchmark's JSON holds only the cases that ran)
+_PLANNED = []  # every case id of the collected bench files, before -k / -m deselection
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    # runs before the -k filter removes items: bench/gpu.sh runs each file in parts (-k), and the
+    # report lists the cases the whole run planned but did not measure (a part out of time)
+    _PLANNED.extend(item.name for item in items)
 _LOAD = {"start": os.getloadavg()}  # the CPU machine is shared: say how busy it was
 
 
@@ -54,6 +62,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     info["loadavg_start"] = _LOAD["start"]
     info["loadavg_end"] = os.getloadavg()
     info["skipped"] = dict(_SKIPPED)
+    info["planned"] = list(_PLANNED)
     info["torch_threads"] = torch.get_num_threads()
     if _THREADS_NOTE:
         info["threads_note"] = _THREADS_NOTE

@@ -3,10 +3,14 @@
     python -m bench.report                       # every bench/results/*.json -> bench/RESULTS.md + PNGs
     python -m bench.report run.json --compact    # a short table on stdout (what gpu.sh prints)
 
-One section per JSON file (one run on one machine): the machine, its measured ceilings, date and
-commit, then one table per op with every number (median, p20-p80, GB/s, % of the byte floor,
-TFLOP/s, peak memory, speed-up over the reference), the skipped providers with their reasons, and a
-PNG: GB/s vs V per provider (logits op), peak memory vs N per provider, TFLOP/s vs V (fused linear).
+One section per JSON file (one run on one machine; GPU runs first): the machine, its measured
+ceilings, date and commit, hand-written notes kept beside the JSON (``<name>.notes.md``: what the run
+left out and why), then one table per op with every number (host-clocked median, p20-p80, GB/s, % of
+the byte floor, TFLOP/s; on a GPU also the device time, the host overhead per call and the device %
+of floor / matmul; peak memory, speed-up over the reference), the skipped providers with their
+reasons, the cases the run planned but did not measure (GPU runs by bench/gpu.sh, which also records
+each part's status), and a PNG: GB/s vs V per provider (logits op), peak memory vs N per provider,
+TFLOP/s vs V (fused linear).
 """
 from __future__ import annotations
 
@@ -87,9 +91,13 @@ def _groups(rows, op):
 def op_table(rows, op):
     """Markdown table: one row per (shape, mode, provider), fastest first inside each group."""
     lin = op == "linear_token_logprobs"
-    hdr = ["shape", "mode", "provider", "median ms", "p20-p80 ms", "GB/s", "% floor"]
+    dev = any(e.get("device_ms") is not None for e in rows if e["op"] == op)
+    hdr = ["shape", "mode", "provider", "median ms", "p20-p80 ms"]
+    if dev:
+        hdr += ["device ms", "host overhead ms"]
+    hdr += ["GB/s", "% floor"] + (["device % floor"] if dev else [])
     if lin:
-        hdr += ["TFLOP/s", "% matmul"]
+        hdr += ["TFLOP/s", "% matmul"] + (["device % matmul"] if dev else [])
     ops = any(e.get("aten_ops") is not None for e in rows if e["op"] == op)
     if ops:
         hdr += ["ATen ops"]
@@ -101,10 +109,16 @@ def op_table(rows, op):
         first = True
         for e in sorted(es, key=lambda e: e["median_ms"]):
             cells = [shape if first else "", mode if first else "", e["provider"], _fmt(e["median_ms"], 3),
-                     f"{_fmt(e.get('p20_ms'), 3)}-{_fmt(e.get('p80_ms'), 3)}", _fmt(e.get("GBps")),
-                     _fmt(e.get("pct_floor"), 1)]
+                     f"{_fmt(e.get('p20_ms'), 3)}-{_fmt(e.get('p80_ms'), 3)}"]
+            if dev:
+                cells += [_fmt(e.get("device_ms"), 3), _fmt(e.get("overhead_ms"), 3)]
+            cells += [_fmt(e.get("GBps")), _fmt(e.get("pct_floor"), 1)]
+            if dev:
+                cells += [_fmt(e.get("device_pct_floor"), 1)]
             if lin:
                 cells += [_fmt(e.get("TFLOPs"), 3), _fmt(e.get("pct_matmul"), 1)]
+                if dev:
+                    cells += [_fmt(e.get("device_pct_matmul"), 1)]
             if ops:
                 cells += [_fmt(e.get("aten_ops"))]
             cells += [_fmt(_mib(e.get("peak_mem_bytes")), 1)]
@@ -126,6 +140,53 @@ def skipped_lines(mi, op):
         prov = next((inner.split(f"-{m}-", 1)[1] for m in MODES if f"-{m}-" in inner), inner)
         reasons[prov].add(reason)
     return [f"- {p}: {'; '.join(sorted(r))}" for p, r in sorted(reasons.items())]
+
+
+def _case_key(test_id):
+    """test_<op>[<shape>-<mode>-<provider>] -> (op, shape, mode, provider), or None."""
+    if "[" not in test_id or not test_id.startswith("test_"):
+        return None
+    op = test_id[len("test_"):test_id.index("[")]
+    inner = test_id[test_id.index("[") + 1:-1]
+    for m in MODES + ("step",):
+        if f"-{m}-" in inner:
+            shape, prov = inner.split(f"-{m}-", 1)
+            return op, shape, m, prov
+    return op, inner, "", ""
+
+
+def coverage_lines(mi, rows, op):
+    """Cases the run planned (every id its bench files collected) but did not measure, grouped by
+    (shape, mode): skipped with a reason, or never run (a part that ran out of time, or was left out)."""
+    planned = [k for k in map(_case_key, mi.get("planned") or []) if k and k[0] == op]
+    if not planned:
+        return []
+    done = {_case_key(e["name"]) for e in rows if e["op"] == op}
+    skipped = {_case_key(t) for t in (mi.get("skipped") or {})}
+    missing = OrderedDict()
+    for k in planned:
+        if k in done:
+            continue
+        missing.setdefault((k[1], k[2]), []).append(k[3] + (" (skipped)" if k in skipped else ""))
+    n_done = sum(1 for k in planned if k in done)
+    out = [f"Measured {n_done} of the {len(planned)} cases the run planned for {op}."]
+    if missing:
+        out += ["Not measured (by shape and mode; \"skipped\" has its reason above, the rest never ran):", ""]
+        out += [f"- {shape} {mode}: {', '.join(provs)}" for (shape, mode), provs in missing.items()]
+    return out
+
+
+def parts_table(mi):
+    """bench/gpu.sh's parts: what each ran, its time limit, how long it took, and how it ended."""
+    parts = mi.get("parts") or []
+    if not parts:
+        return []
+    out = [f"bench/gpu.sh parts (total budget {mi.get('total_budget_s', '?')} s):", "",
+           "| part | filter | limit s | took s | status |", "|---|---|---|---|---|"]
+    for p in parts:
+        out.append(f"| {p.get('name')} | `{p.get('filter') or ''}` | {p.get('limit_s', '')} | {p.get('took_s', '')} | "
+                   f"{p.get('status')} |")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,6 +283,13 @@ def section(path, png_dir, rel_to):
     if mi.get("device_type") == "cpu" and mi.get("loadavg_start"):
         lines.append(f"- load average at start / end: {mi['loadavg_start'][0]:.1f} / {mi['loadavg_end'][0]:.1f} "
                      "(a shared machine: timings are pessimistic and noisy; medians are the number to read)")
+    notes = os.path.splitext(path)[0] + ".notes.md"
+    if os.path.exists(notes):
+        with open(notes) as f:
+            lines += ["", f.read().strip()]
+    pt = parts_table(mi)
+    if pt:
+        lines += [""] + pt
     if png_dir:
         png = os.path.join(png_dir, f"{stem}.png")
         chart(rows, mi, png)
@@ -233,6 +301,9 @@ def section(path, png_dir, rel_to):
         sk = skipped_lines(mi, op)
         if sk:
             lines += ["", "Skipped here:"] + sk
+        cov = coverage_lines(mi, rows, op)
+        if cov:
+            lines += [""] + cov
     return "\n".join(lines)
 
 
@@ -270,11 +341,15 @@ def main(argv=None):
     ap.add_argument("--png-dir", default=os.path.join(HERE, "results"))
     ap.add_argument("--compact", action="store_true", help="print a short table to stdout and exit")
     ap.add_argument("--merge", metavar="OUT_JSON", help="merge the given JSON files (parts of one run) into one")
+    ap.add_argument("--parts", metavar="JSONL", help="with --merge: bench/gpu.sh's part log (one JSON object per "
+                    "line: name, filter, limit_s, took_s, status; a first line may hold total_budget_s)")
     a = ap.parse_args(argv)
     if a.merge:
-        merge(a.files, a.merge)
+        merge(a.files, a.merge, parts=a.parts)
         return
-    files = a.files or sorted(glob.glob(os.path.join(HERE, "results", "*.json")))
+    # GPU runs first (the library's home), newest first within each kind
+    files = a.files or sorted(sorted(glob.glob(os.path.join(HERE, "results", "*.json")), reverse=True),
+                              key=lambda f: not os.path.basename(f).startswith("gpu-"))
     if not files:
         raise SystemExit("no JSON files given and none in bench/results/")
     if a.compact:
@@ -289,9 +364,10 @@ def main(argv=None):
     print(f"wrote {a.out} ({len(files)} run(s))")
 
 
-def merge(files, out):
+def merge(files, out, parts=None):
     """Concatenate the benchmarks of several JSON files of one run (gpu.sh runs one file per op);
-    machine_info comes from the first, skip reasons and load averages are unioned / widened."""
+    machine_info comes from the first, skip reasons, planned cases and load averages are unioned /
+    widened; ``parts`` (gpu.sh's part log) goes into machine_info."""
     merged = None
     for f in files:
         with open(f) as fh:
@@ -303,8 +379,17 @@ def merge(files, out):
         a = merged["machine_info"].setdefault("flowrl_bench", {})
         b = d.get("machine_info", {}).get("flowrl_bench", {})
         a.setdefault("skipped", {}).update(b.get("skipped") or {})
+        a["planned"] = sorted(set(a.get("planned") or []) | set(b.get("planned") or []))
         if b.get("loadavg_end"):
             a["loadavg_end"] = b["loadavg_end"]
+    if parts:
+        a = merged["machine_info"].setdefault("flowrl_bench", {})
+        with open(parts) as fh:
+            recs = [json.loads(ln) for ln in fh if ln.strip()]
+        for r in recs:
+            if "total_budget_s" in r:
+                a["total_budget_s"] = r["total_budget_s"]
+        a["parts"] = [r for r in recs if "name" in r]
     with open(out, "w") as fh:
         json.dump(merged, fh, indent=1)
 
@@ -314,15 +399,17 @@ def compact(path):
     _, mi, ci, rows = load(path)
     out = [f"# {mi.get('device')} {mi.get('dtype')}  copy {_fmt(mi.get('copy_GBps'))} GB/s  "
            f"matmul {_fmt(mi.get('matmul_TFLOPs'), 3)} TFLOP/s  commit {(mi.get('commit') or ci.get('id') or '?')[:8]}",
-           f"{'op':<22}{'shape':<40}{'mode':<9}{'provider':<13}{'ms':>9}{'p20':>9}{'p80':>9}"
-           f"{'GB/s':>9}{'%fl':>7}{'TF/s':>8}{'MiB':>9}{'xref':>7}"]
+           f"{'op':<22}{'shape':<40}{'mode':<9}{'provider':<13}{'ms':>9}{'p20':>9}{'p80':>9}{'dev ms':>9}"
+           f"{'GB/s':>9}{'%fl':>7}{'dev%fl':>7}{'TF/s':>8}{'MiB':>9}{'xref':>7}"]
     for op in OPS:
         for (shape, mode), es in _groups(rows, op):
             ref = next((e["median_ms"] for e in es if e["provider"] == "reference"), None)
             for e in sorted(es, key=lambda e: e["median_ms"]):
                 out.append(f"{op[:21]:<22}{shape[:39]:<40}{mode:<9}{e['provider'][:12]:<13}"
                            f"{e['median_ms']:>9.3f}{e.get('p20_ms', 0):>9.3f}{e.get('p80_ms', 0):>9.3f}"
+                           f"{_fmt(e.get('device_ms'), 3):>9}"
                            f"{_fmt(e.get('GBps'), 1):>9}{_fmt(e.get('pct_floor'), 0):>7}"
+                           f"{_fmt(e.get('device_pct_floor'), 0):>7}"
                            f"{_fmt(e.get('TFLOPs'), 1):>8}{_fmt(_mib(e.get('peak_mem_bytes')), 0):>9}"
                            f"{(_fmt(ref / e['median_ms']) if ref else ''):>7}")
     sk = mi.get("skipped") or {}

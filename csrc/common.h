@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 #include <limits>
+#include <optional>
 #include <string>
 
 namespace flowrl {
@@ -42,10 +43,36 @@ inline void check_token_inputs(const at::Tensor& logits, const at::Tensor& label
               ": temperature must be finite and > 0, got ", temperature);
 }
 
-// float32 contiguous [N] copy-if-needed of a per-row input (a no-op for the forward's own outputs)
-inline at::Tensor rows_f32(const at::Tensor& t, int64_t N, const char* name, const char* op) {
+// float32 contiguous [N] copy-if-needed of a per-row input (a no-op for the forward's own outputs), on
+// logits' device: a CPU tensor handed to the CUDA kernels would be an illegal address that poisons the
+// CUDA context, so the device is checked, not assumed
+inline at::Tensor rows_f32(const at::Tensor& t, int64_t N, const at::Device& device, const char* name,
+                           const char* op) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == N, op, ": ", name, " must be [N] = [", N, "], got ", t.sizes());
+  TORCH_CHECK(t.is_floating_point(), op, ": ", name, " must be a float tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), " but the other inputs are on ",
+              device);
   return t.to(at::kFloat).contiguous();
+}
+
+// The per-row inputs of token_logprobs_bwd (CPU and CUDA): lse and grad_logp always; entropy and
+// grad_entropy only with an entropy gradient (else undefined: the kernels take nullptr).
+struct TokenBwdRows {
+  at::Tensor lse, grad_logp, entropy, grad_entropy;
+};
+
+inline TokenBwdRows token_bwd_rows(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& entropy,
+                                   const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+                                   const char* op) {
+  TokenBwdRows r;
+  const int64_t N = logits.size(0);
+  r.lse = rows_f32(lse, N, logits.device(), "lse", op);
+  r.grad_logp = rows_f32(grad_logp, N, logits.device(), "grad_logp", op);
+  if (grad_entropy.has_value() && grad_entropy->defined()) {
+    r.grad_entropy = rows_f32(*grad_entropy, N, logits.device(), "grad_entropy", op);
+    r.entropy = rows_f32(entropy, N, logits.device(), "entropy (the forward ran without return_entropy?)", op);
+  }
+  return r;
 }
 
 }  // namespace flowrl

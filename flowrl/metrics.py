@@ -22,11 +22,33 @@ from typing import Any, Dict, Optional
 import torch
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (train.py: at the start of every step, so ``peak_memory_mb`` is
+    that step's peak, not the peak since the process started). CUDA: the allocator's peak counter;
+    Linux CPU: the resident-set high-water mark (VmHWM; writing 5 to /proc/self/clear_refs resets it)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the peak stays the process's
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated GPU memory, or on CPU this process's peak resident set size (MiB)."""
+    """Peak allocated GPU memory, or on CPU this process's peak resident set size (MiB), since the last
+    ``reset_peak_memory`` (or the process start)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS; never reset
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 

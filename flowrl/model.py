@@ -32,6 +32,8 @@ from flowrl.config import DEFAULT_MODEL, TINY_MODELS, Config
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IGNORE_INDEX = -100
+# model.param_dtype -> FSDP2's compute dtype of the parameters (None: bf16 on CUDA, fp32 on CPU)
+PARAM_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,7 +139,10 @@ class LogZHead(nn.Module):
         self.mlp = nn.Sequential(*blocks, nn.Linear(hidden, 1))
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:  # [B, H] -> [B] float32
-        return self.mlp(pooled).squeeze(-1).float().clone()  # not a view: FSDP hooks warn on view outputs
+        # the head computes in its own parameters' dtype: fp32 (build() makes it an fp32 FSDP unit; log Z
+        # in bf16 would keep 8 mantissa bits), whatever dtype the pooled hidden states arrive in
+        x = pooled.to(self.mlp[0].weight.dtype)
+        return self.mlp(x).squeeze(-1).float().clone()  # not a view: FSDP hooks warn on view outputs
 
 
 def prompt_pool_mask(prompt_attention: torch.Tensor, include_last_token: bool = True) -> torch.Tensor:
@@ -153,9 +158,12 @@ def prompt_pool_mask(prompt_attention: torch.Tensor, include_last_token: bool = 
 
 
 def masked_mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of hidden [B, P, H] over positions where mask [B, P] is true -> [B, H] (0 for empty rows)."""
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    """Mean of hidden [B, P, H] over positions where mask [B, P] is true -> [B, H] (0 for empty rows),
+    in float32 at least: in bf16 the count itself rounds above 256 tokens (257 -> 256) and the sum
+    keeps 8 bits (one [B, P, H] fp32 temporary for bf16 input, prompt rows only)."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    m = mask.to(dtype).unsqueeze(-1)
+    return (hidden.to(dtype) * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,11 +280,15 @@ def build(cfg: Config, env: distributed.Env) -> Tuple[Policy, Optional[Policy], 
     need_ref = cfg.algo.name == "flowrl" or cfg.algo.kl_coef > 0
     ref = None
     kw = dict(logprob_impl=cfg.model.logprob_impl, kernel_impl=cfg.model.kernel_impl)
+    dtype = PARAM_DTYPES[cfg.model.param_dtype]
+    # both models are built on the CPU and handed over unmoved: fully_shard moves and shards one unit
+    # at a time, so a GPU never holds a full fp32 copy (let alone the policy's and the reference's)
     if need_ref:
         ref_lm = copy.deepcopy(lm).eval().requires_grad_(False)
-        ref = distributed.parallelize(Policy(ref_lm, **kw).to(env.device), env)
+        ref = distributed.parallelize(Policy(ref_lm, **kw), env, param_dtype=dtype)
     head = LogZHead(lm.config.hidden_size, cfg.logz.dropout) if cfg.algo.name == "flowrl" else None
     policy = Policy(lm, head, include_last_token=cfg.logz.include_last_token,
-                    detach_log_z_input=cfg.logz.detach_input, **kw).to(env.device)
-    policy = distributed.parallelize(policy, env, activation_checkpointing=cfg.model.activation_checkpointing)
+                    detach_log_z_input=cfg.logz.detach_input, **kw)
+    policy = distributed.parallelize(policy, env, activation_checkpointing=cfg.model.activation_checkpointing,
+                                     param_dtype=dtype, fp32_modules=[head] if head is not None else [])
     return policy, ref, tok

@@ -4,8 +4,9 @@
     python flowrl/plot.py runs/flowrl runs/grpo --out flowrl_vs_grpo.png   # runs overlaid, one colour each
 
 Reads metrics.jsonl and eval.jsonl of each run directory; a panel whose key a run lacks (GRPO has no
-log Z) just has no line for that run. train.py calls ``plot_runs([run_dir], run_dir / "curves.png")``
-at the end of every run.
+log Z) just has no line for that run. train.py calls ``plot_run_or_warn(run_dir)`` at the end of every
+run: without matplotlib (or if drawing fails) it warns and the run still ends normally, since its
+metrics and checkpoint are already written.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 # (file, key, panel title); IS stats: the mean importance weight and the clipped fraction
 PANELS = [
@@ -69,6 +71,20 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, labels: Sequence[str] = ()) -
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def plot_run_or_warn(run_dir: Path) -> Optional[Path]:
+    """``run_dir/curves.png``, or None and a warning naming the fix when it cannot be drawn."""
+    run_dir = Path(run_dir)
+    try:
+        return plot_runs([run_dir], run_dir / "curves.png")
+    except ImportError as e:
+        why = f"matplotlib is not importable ({e}); pip install matplotlib"
+    except Exception as e:  # noqa: BLE001 - a convenience must not fail a finished run
+        why = f"{type(e).__name__}: {e}"
+    warnings.warn(f"curves.png not drawn: {why}, then `python flowrl/plot.py {run_dir}`. "
+                  "The run's metrics and checkpoints are written.", stacklevel=2)
+    return None
 
 
 def main(argv=None) -> None:

@@ -14,7 +14,6 @@ into a run directory that holds a checkpoint continues from it (--checkpoint.res
 """
 from __future__ import annotations
 
-import math
 import shutil
 import sys
 import time
@@ -28,7 +27,7 @@ if __package__ in (None, ""):  # `python flowrl/train.py`: import the package, n
 import torch
 
 from flowrl import algorithms, checkpoint, config, distributed, diversity, faults, model, rollout, tasks
-from flowrl.metrics import Metrics, peak_memory_mb
+from flowrl.metrics import Metrics, peak_memory_mb, reset_peak_memory
 
 
 def build_optimizer(policy, cfg: config.Config):
@@ -69,53 +68,69 @@ class TrainingStopped(RuntimeError):
 
 def update_policy(step, cfg, env, policy, ref, batch, r_hat, opt, sched):
     """train.epochs passes over one rollout batch, one optimizer step per mini-batch (gradient accumulated
-    over micro-batches). Returns (summed micro-batch stats, # micro-batches, grad norms, # skipped
-    updates, time after the reference / old log-prob forwards). flowrl.experiments.diversity calls it too."""
+    over micro-batches). Returns a dict: ``sums`` (micro-batch stats summed on the device, float64 tensors),
+    ``n_micro``, ``grad_norms`` (device tensors, one per mini-batch), ``skipped`` (non-finite updates),
+    ``t_lp`` (clock after the reference / old log-prob forwards) and the trainer's log-probs of the sampling
+    policy for the vLLM gap metric (``trainer_old`` when recomputed, else ``first_logp``, the first
+    forward's). No host sync per micro-batch: one per optimizer step (the skip decision).
+    flowrl.experiments.diversity calls it too."""
     B, mask = len(batch), batch.response_mask
     mini = cfg.train.mini_batch_size or B
     micro = min(cfg.train.micro_batch_size, mini)
     n_updates = cfg.train.epochs * (B // mini)
     ref_logp = forward_logp(ref, batch, cfg) if ref is not None else None
     # one update per batch: the policy that sampled is the one being trained, so old log-probs are the
-    # first forward's, detached (bit-identical, and one forward pass cheaper); otherwise recompute them
-    old_logp = forward_logp(policy, batch, cfg) if n_updates > 1 else None
+    # first forward's, detached (bit-identical, and one forward pass cheaper); otherwise recompute them.
+    # rollout.old_logp="sampler": vLLM's own log-probs instead (the trainer's are still needed for the gap)
+    trainer_old = forward_logp(policy, batch, cfg) if n_updates > 1 else None
+    old_logp = batch.sampler_logp if cfg.rollout.old_logp == "sampler" else trainer_old
+    first_logp = []  # n_updates == 1: the trainer's log-probs of the sampling policy, for the gap metric
+    distributed.synchronize(env.device)
     t_lp = time.perf_counter()
 
     sums, n_micro, grad_norms, skipped = {}, 0, [], 0
+    n_toks = mask.reshape(B // mini, -1).sum(1).tolist()  # response tokens per mini-batch
     for _ in range(cfg.train.epochs):
         for lo in range(0, B, mini):
             opt.zero_grad(set_to_none=True)
-            n_tok, mini_loss = int(mask[lo: lo + mini].sum()), 0.0
+            n_tok, mini_loss = n_toks[lo // mini], torch.zeros((), dtype=torch.float64, device=env.device)
             for i in range(lo, lo + mini, micro):
                 b = batch.slice(i, i + micro)
                 out = policy(b.input_ids, b.attention_mask, b.labels, b.prompt_len,
                              temperature=cfg.rollout.temperature, entropy=True)
                 old = out["logp"].detach() if old_logp is None else old_logp[i: i + micro]
+                if trainer_old is None and batch.sampler_logp is not None:
+                    first_logp.append(out["logp"].detach())
                 ref_b = None if ref_logp is None else ref_logp[i: i + micro]
                 loss, st = algorithms.objective(out, old, ref_b, r_hat[i: i + micro], b.response_mask,
                                                 cfg.algo, n_seq=mini, n_tok=n_tok)
                 if faults.active("nan_loss", step + 1):
                     loss = loss * float("nan")
                 loss.backward()
-                mini_loss += float(loss.detach())
+                mini_loss += loss.detach()
                 st["loss"] = loss.detach() * (mini / micro)  # this micro-batch's own mean loss
                 st["entropy"] = (out["entropy"].detach() * b.response_mask).sum() / b.response_mask.sum().clamp(min=1)
-                for k, v in st.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                for k, v in st.items():  # summed on the device in float64: no sync here
+                    v = v.detach() if torch.is_tensor(v) else v
+                    sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=env.device)
                 n_micro += 1
             grad_norms.append(distributed.clip_grad_norm(policy.parameters(), cfg.optim.grad_clip))
             # a non-finite loss on any rank or a non-finite global norm: no update anywhere (same decision
             # on every rank), and the optimizer state and schedule do not advance either
-            if distributed.max_over_ranks(float(not math.isfinite(mini_loss + grad_norms[-1])), env.device) > 0:
+            if distributed.any_over_ranks(~torch.isfinite(mini_loss + grad_norms[-1])):
                 opt.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
             opt.step()
             sched.step()
-    return sums, n_micro, grad_norms, skipped, t_lp
+    return dict(sums=sums, n_micro=n_micro, grad_norms=grad_norms, skipped=skipped, t_lp=t_lp,
+                trainer_old=trainer_old, first_logp=first_logp)
 
 
 def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) -> dict:
+    # host syncs: one per phase boundary (the clocks must see the GPU work of their phase), one per
+    # optimizer step (skip or not), one for the token counts and one for the statistics; none per micro-batch
+    reset_peak_memory(env.device)  # peak_memory_mb is this step's peak
     t0 = time.perf_counter()
     G = cfg.rollout.group_size
     problems = local_prompts(task, cfg, env, step)
@@ -125,18 +140,31 @@ def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) 
                              top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, version=step)
     rewards = torch.tensor([task.reward(problems[i // G], t) for i, t in enumerate(batch.texts)])
     r_hat = algorithms.normalized_rewards(rewards, G).to(env.device)
+    distributed.synchronize(env.device)
     t_gen = time.perf_counter()
-    sums, n_micro, grad_norms, skipped, t_lp = update_policy(step, cfg, env, policy, ref, batch, r_hat, opt, sched)
+    up = update_policy(step, cfg, env, policy, ref, batch, r_hat, opt, sched)
+    sums, n_micro, grad_norms, skipped, t_lp = (up[k] for k in ("sums", "n_micro", "grad_norms", "skipped", "t_lp"))
+    trainer_old, first_logp, mask = up["trainer_old"], up["first_logp"], batch.response_mask
+    distributed.synchronize(env.device)
     t_end = time.perf_counter()
 
-    groups, mask = rewards.view(-1, G), batch.response_mask
+    groups = rewards.view(-1, G)
     tokens = float(batch.attention_mask.sum())
-    record = {k: v / n_micro for k, v in sums.items()}
+    keys = sorted(sums)
+    flat = torch.stack([sums[k] for k in keys] + [g.to(env.device, torch.float64) for g in grad_norms]).tolist()
+    record = {k: v / n_micro for k, v in zip(keys, flat)}
+    norms = flat[len(keys):]
     record.update(reward_mean=float(rewards.mean()), reward_sq=float((rewards ** 2).mean()),
-                  accuracy=float((rewards >= 1.0).float().mean()), grad_norm=sum(grad_norms) / len(grad_norms),
+                  accuracy=float((rewards >= 1.0).float().mean()), grad_norm=sum(norms) / len(norms),
                   response_len=float(mask.sum(-1).float().mean()),
                   zero_std_groups=float((groups.max(-1).values == groups.min(-1).values).float().mean()))
+    gap = {} if batch.sampler_logp is None else rollout.logp_mismatch(
+        batch.sampler_logp, trainer_old if trainer_old is not None else torch.cat(first_logp), mask)
+    record.update({k: v for k, v in gap.items() if k.endswith("_mean")})
     record = distributed.mean_over_ranks(record, env.device)
+    record.update({k: distributed.max_over_ranks(v, env.device) for k, v in gap.items() if k.endswith("_max")})
+    if hasattr(sampler, "sync_time"):
+        record["time_weight_sync"] = distributed.max_over_ranks(sampler.sync_time, env.device)
     record["skipped"] = skipped
     record["reward_std"] = max(record.pop("reward_sq") - record["reward_mean"] ** 2, 0.0) ** 0.5
     step_time = distributed.max_over_ranks(t_end - t0, env.device)
@@ -210,8 +238,8 @@ def due(step: int, every: int, last: int) -> bool:
 
 def main(argv=None) -> None:
     cfg = config.load(argv)  # every config error is raised here, before anything is built
-    env = distributed.init(cfg.run.cpu_threads)
-    metrics, graceful = None, True
+    env = distributed.init(cfg.run.cpu_threads, cfg.run.device, cfg.run.deterministic)
+    metrics, sampler, graceful = None, None, True
     try:
         cfg.check_world(env.world_size)
         resume = prepare_run_dir(cfg, env)
@@ -251,7 +279,7 @@ def main(argv=None) -> None:
             checkpoint.export_hf(policy, tok, cfg.run_dir / "export", env)
         if cfg.run.plots and env.is_main:
             from flowrl import plot
-            plot.plot_runs([cfg.run_dir], cfg.run_dir / "curves.png")
+            plot.plot_run_or_warn(cfg.run_dir)
     except BaseException:
         graceful = False
         print(f"[flowrl] rank {env.rank} failed", file=sys.stderr, flush=True)
@@ -264,7 +292,7 @@ def main(argv=None) -> None:
     finally:
         if metrics is not None:
             metrics.close()
-        distributed.cleanup(graceful)
+        distributed.cleanup(graceful, getattr(sampler, "close", None))
 
 
 if __name__ == "__main__":

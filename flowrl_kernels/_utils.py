@@ -4,7 +4,9 @@ Every public op takes ``impl=None | "torch" | "triton" | "native"``:
 - explicit ``impl`` wins;
 - else the env var ``FLOWRL_KERNELS_IMPL`` (same values) overrides the default;
 - else the default: ``"triton"`` for CUDA tensors, ``"native"`` for CPU tensors when the compiled
-  extension is importable and implements the op, otherwise ``"torch"`` (the reference).
+  extension is importable and implements the op, otherwise ``"torch"`` (the reference);
+- ``"native"`` on a device the extension has no kernel for (e.g. flowrl_loss on CUDA) is refused with a
+  ValueError naming the alternative, never a dispatcher NotImplementedError.
 
 Checks raise ``ValueError`` naming the argument and saying how to fix it, before any kernel runs.
 None of them synchronizes with the device (no ``.item()`` on CUDA tensors).
@@ -61,42 +63,87 @@ def native_available() -> bool:
     return _native_module() is not None
 
 
-def native_has(op: str) -> bool:
-    """True when the native extension registers ``torch.ops.flowrl_kernels_native.<op>``."""
-    if not native_available():
+# The dispatch key the extension registers an op's kernel under, per tensor device type.
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
+
+
+@functools.lru_cache(maxsize=None)
+def _native_kernel_registered(op: str, device_type: str) -> bool:
+    if not native_available() or not hasattr(torch.ops.flowrl_kernels_native, op):
         return False
-    return hasattr(torch.ops.flowrl_kernels_native, op)
+    key = _DISPATCH_KEYS.get(device_type)
+    if key is None:
+        return False
+    has_kernel = getattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", None)
+    if has_kernel is None:  # pragma: no cover - private API, present in torch 2.5 - 2.13
+        # what csrc registers: every op for CPU and Meta, the token_logprobs ops for CUDA when built with it
+        return device_type != "cuda" or (bool(getattr(_native_module(), "with_cuda", 0))
+                                         and op.startswith("token_logprobs"))
+    return bool(has_kernel(f"flowrl_kernels_native::{op}", key))
+
+
+# torch.compiler.assume_constant_result: Dynamo calls these once, eagerly, when it traces an op and
+# bakes the answer into the graph (availability never changes within a process). Without it Dynamo would
+# trace into importlib.import_module (marked as skipped: fullgraph=True fails on the default impl).
+@torch.compiler.assume_constant_result
+def native_has(op: str, device_type: str = "cpu") -> bool:
+    """True when the native extension registers a kernel for ``torch.ops.flowrl_kernels_native.<op>`` on
+    ``device_type`` ("cpu", "cuda"). The schema alone is not enough: a CPU-only build (and the CUDA build
+    for ``flowrl_loss_*``) has no CUDA kernel, and the dispatcher would raise NotImplementedError."""
+    return _native_kernel_registered(op, device_type)
+
+
+@torch.compiler.assume_constant_result
+def _triton_usable() -> bool:
+    return triton_available()
+
+
+@torch.compiler.assume_constant_result
+def _interpret() -> bool:
+    return triton_interpret()
 
 
 def resolve_impl(impl: Optional[str], device: torch.device, *, native_op: Optional[str] = None,
                  arg: str = "impl") -> str:
-    """Pick the implementation for one call (see module docstring)."""
+    """Pick the implementation for one call (see module docstring).
+
+    Traceable by torch.compile (fullgraph=True): the availability checks are constants to Dynamo, so the
+    choice is made once, when the call is traced (the env var too: a later change of
+    FLOWRL_KERNELS_IMPL does not recompile an already compiled function). ``native_op`` is the op's
+    forward in ``torch.ops.flowrl_kernels_native``; "native" needs a kernel for ``device``'s type.
+    """
     if impl is None:
         impl = os.environ.get(ENV_IMPL) or None
         if impl is not None and impl not in IMPLS:
             raise ValueError(f"{ENV_IMPL}={impl!r} is not one of {IMPLS}; unset it or pick one of those.")
     if impl is None:
-        if device.type == "cuda" and triton_available():
+        if device.type == "cuda" and _triton_usable():
             return "triton"
-        if device.type == "cpu" and native_op is not None and native_has(native_op):
+        if device.type == "cpu" and native_op is not None and native_has(native_op, "cpu"):
             return "native"
         return "torch"
     if impl not in IMPLS:
         raise ValueError(f"{arg}={impl!r} is not one of {IMPLS}.")
     if impl == "triton":
-        if not triton_available():
+        if not _triton_usable():
             raise ValueError(f"{arg}='triton' but triton is not importable; install triton or use impl='torch'.")
-        if device.type != "cuda" and not triton_interpret():
+        if device.type != "cuda" and not _interpret():
             raise ValueError(
                 f"{arg}='triton' needs CUDA tensors (got {device}); move the inputs to a GPU, "
                 "set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter, or use impl='torch'."
             )
     if impl == "native":
-        if native_op is None or not native_has(native_op):
+        alt = f"{arg}='triton' (the default for CUDA tensors)" if device.type == "cuda" else f"{arg}='torch'"
+        if native_op is None or not native_has(native_op, "cpu"):
             raise ValueError(
                 f"{arg}='native' but the native extension does not provide this op "
-                f"(native_available()={native_available()}); build it with "
-                "`pip install --no-build-isolation -e .` or use impl='torch'."
+                f"(native_available()={native_available()}); use {alt}, or build the extension with "
+                "`pip install --no-build-isolation -e .`."
+            )
+        if device.type != "cpu" and not native_has(native_op, device.type):
+            raise ValueError(
+                f"{arg}='native' has no {device.type} kernel for this op (the extension's {device.type} "
+                f"build provides only some ops); use {alt}, or move the inputs to the CPU."
             )
     return impl
 
@@ -177,8 +224,11 @@ def check_temperature(temperature) -> float:
 
 def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int, *, validate: bool,
                           arg: str = "labels") -> None:
-    """Full range check when ``validate`` or when it costs no device sync (CPU tensors)."""
-    if not (validate or labels.device.type == "cpu") or labels.numel() == 0:
+    """Full range check when ``validate`` or when it costs no device sync (CPU tensors).
+
+    Skipped while torch.compile traces (a data-dependent branch cannot be traced): unchecked out-of-range
+    labels never read out of bounds, they give NaN rows (see token_logprobs' docstring)."""
+    if not (validate or labels.device.type == "cpu") or labels.numel() == 0 or torch.compiler.is_compiling():
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):

@@ -37,6 +37,7 @@ token t. Memory: the kernel never allocates [N, V]; the head's output is B * T *
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -102,7 +103,8 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
     Returns logp [B, T] (and entropy [B, T] if ``return_entropy``); see the module docstring for the
     layout. Differentiable w.r.t. the model's parameters. One host sync per call (the number of
-    response tokens, to compact the rows the kernel sees).
+    response tokens, to compact the rows the kernel sees), plus one on a model's first call (the
+    check that nothing transforms the logits after the head).
     """
     from .ops.linear_token_logprobs import linear_token_logprobs
     from ._utils import check_temperature
@@ -131,7 +133,11 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     scored = (response_mask != 0) & (attention_mask != 0)
     scored[:, 0] = False  # no context before the first position
     next_sel = scored[:, 1:]  # [B, T-1]
-    next_tokens = input_ids[:, 1:]
+    # the call's one host sync: which positions are scored. Position (b, t) of [B, T-1] is row
+    # b * T + t of the [B * T, H] hidden states (index f = b * (T-1) + t -> f + f // (T-1)), and its
+    # target token sits one further in input_ids.
+    flat = next_sel.reshape(-1).nonzero().squeeze(1)
+    src = flat + flat // (T - 1) if T > 1 else flat
     calls = []
 
     def fused_head_forward(hidden: torch.Tensor) -> torch.Tensor:
@@ -154,9 +160,9 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             hidden, weight = hidden.to(dt), weight.to(dt)
             bias = None if bias is None else bias.to(dt)
         H = hidden.shape[-1]
-        rows = hidden[:, :-1][next_sel]  # [n, H]
-        labels = next_tokens[next_sel]
-        n = rows.shape[0]
+        n = src.numel()
+        rows = hidden.reshape(B * T, H).index_select(0, src)  # [n, H]
+        labels = input_ids.reshape(-1).index_select(0, src + 1)
         if n == 0:
             # keep the graph connected to the weight with a zero contribution: a step where one rank has no
             # response token must still produce a (zero) gradient for every parameter, or FSDP ranks disagree
@@ -198,7 +204,20 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     k = 2 if return_entropy else 1
     if packed.shape != (B, T, k + 2):
         raise ValueError(f"the model reshaped its logits after the head (got {tuple(packed.shape)}); not supported.")
-    probe = packed[0, 0, k:].detach().double()
+    if model not in _PROBED:  # checked once per model: a bool() of a device tensor is a host sync
+        _check_probe(packed[0, 0, k:], scale)
+        _PROBED.add(model)
+    if return_entropy:
+        return packed[..., 0], packed[..., 1]
+    return packed[..., 0]
+
+
+# models whose post-head transform was checked (weak: a deleted model leaves the set)
+_PROBED: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _check_probe(probe: torch.Tensor, scale: float) -> None:
+    probe = probe.detach().double()
     expect = torch.tensor([1.0, 2.0], dtype=torch.float64, device=probe.device)
     if not torch.allclose(probe, expect, rtol=1e-5, atol=0.0):
         raise ValueError(
@@ -206,6 +225,3 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             f"(f(1)={float(probe[0]):.6g}, f(2)={float(probe[1]):.6g} after folding logit scale {scale}); "
             "linear_token_logprobs cannot reproduce it. Use model(...).logits with flowrl_kernels.token_logprobs."
         )
-    if return_entropy:
-        return packed[..., 0], packed[..., 1]
-    return packed[..., 0]

@@ -48,12 +48,17 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
 
     logits [..., V], labels [...]. Returns float32 (float64 for float64 logits) logp, and entropy when
     ``return_entropy``. Positions with label == ignore_index give 0 in both outputs and get zero grad.
+    A label outside [0, V) that is not ignore_index poisons its position: NaN logp and entropy, and a
+    NaN gradient row (every impl does the same when the range check is skipped, e.g. on GPU).
     """
     cd = compute_dtype(logits)
     x = logits.to(cd) / temperature
     valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    lse = torch.logsumexp(x, dim=-1)
+    in_range = (labels >= 0) & (labels < logits.shape[-1])
+    safe = torch.where(valid & in_range, labels, torch.zeros_like(labels)).long()
+    # lse * NaN for an out-of-range label: a NaN value AND a NaN gradient (a where() would pass 0 back)
+    poison = torch.where(valid & ~in_range, float("nan"), 1.0).to(cd)
+    lse = torch.logsumexp(x, dim=-1) * poison
     logp = x.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse
     zero = torch.zeros((), dtype=cd, device=logits.device)
     logp = torch.where(valid, logp, zero)

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import torch
 
+# the device every device-parametrized test runs on (the `device` fixture): the GPU when there is one
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 # dtype -> unit roundoff of the OUTPUT dtype; slack is a few ulps of the reference's magnitude
 EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 
@@ -33,3 +36,14 @@ def assert_no_worse_than_torch(out: torch.Tensor, ref64: torch.Tensor, torch_out
     scale = max(1.0, scale, float(ref64.detach().double().abs().nan_to_num(0.0, 0.0, 0.0).max()) if ref64.numel() else 1.0)
     bound = factor * base + ulps * EPS[out.dtype] * scale
     assert err <= bound, f"{name}: max err {err:.3e} > bound {bound:.3e} (torch at this dtype: {base:.3e})"
+
+
+def import_or_skip(module: str):
+    """Import a peer package's module, or skip the test with the reason (printed by ``-ra``)."""
+    import pytest
+
+    try:
+        return __import__(module, fromlist=["_"])
+    except Exception as e:  # noqa: BLE001 - any import failure is a reason to skip
+        pytest.skip(f"{module} does not import here ({type(e).__name__}: {e}); "
+                    "see pyproject extra 'integrations' for what CI installs")

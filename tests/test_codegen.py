@@ -33,7 +33,8 @@ TD = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
 
 def sig_fwd(dt):
     return {"logits_ptr": "*" + dt, "labels_ptr": "*i64", "logp_ptr": "*fp32", "lse_ptr": "*fp32",
-            "ent_ptr": "*fp32", "T1": "i32", "V": "i32", "row0": "i32", "stride_xb": "i32", "stride_xt": "i32",
+            "ent_ptr": "*fp32", "T1": "i32", "V": "i32", "label_end": "i32", "row0": "i32", "stride_xb": "i32",
+            "stride_xt": "i32",
             "stride_lb": "i32", "stride_lt": "i32", "inv_temp": "fp32", "ignore_index": "i32",
             "BLOCK_V": "constexpr", "RETURN_ENTROPY": "constexpr"}
 
@@ -54,7 +55,7 @@ def build(kind, dtype, flag, aligned):
     # every int arg that is a multiple of 16 (V, the strides) marked divisible by 16
     div = [n for n, t in sig.items() if t.startswith("*")]
     if aligned:
-        div += ["V", "stride_xb", "stride_xt"] + (["stride_g"] if kind == "bwd" else [])
+        div += ["V", "stride_xb", "stride_xt"] + (["stride_g"] if kind == "bwd" else ["label_end"])
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div}
     const = {"BLOCK_V": block, ("RETURN_ENTROPY" if kind == "fwd" else "HAS_GENT"): flag}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),

@@ -63,7 +63,9 @@ out = {}
 for dtype, bias, n_rows in [(torch.bfloat16, True, 8192), (torch.float16, False, 8192),
                             (torch.bfloat16, False, 16), (torch.float32, True, 8192)]:
     t = TY[dtype]
-    block_n, block_v, block_h, warps, stages = M._tiles(n_rows, 151936, dtype)
+    cfg = M._tiles(n_rows, 151936, dtype, torch.device("cpu"))  # the sm90 table entry
+    block_n, block_v, block_h, warps, stages = (cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps",
+                                                                 "num_stages"))
     types = dict(h_ptr="*" + t, w_ptr="*" + t, b_ptr="*fp32", labels_ptr="*i64", ws_ptr="*fp32",
                  lse_ptr="*fp32", ent_ptr="*fp32", glogp_ptr="*fp32", gent_ptr="*fp32", dz_ptr="*" + t,
                  N="i32", V="i32", H="i32", n_row_blocks="i32", tiles_per_split="i32", stride_hn="i32",
@@ -71,11 +73,19 @@ for dtype, bias, n_rows in [(torch.bfloat16, True, 8192), (torch.float16, False,
     meta = dict(HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
                 DOT_PRECISION=M._dot_precision(dtype), UPCAST_OPERANDS=M._upcast(dtype))
     for kname in ("_linear_logprobs_fwd_kernel", "_linear_logprobs_bwd_kernel"):
+        if kname == "_linear_logprobs_fwd_kernel":
+            meta["GROUP_N"] = cfg["GROUP_N"]
+        else:
+            meta.pop("GROUP_N", None)
+            bw = M._tiles(n_rows, 151936, dtype, torch.device("cpu"), "linear_bwd")
+            block_n, block_v, block_h, warps, stages = (bw[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H",
+                                                                        "num_warps", "num_stages"))
+            meta.update(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h)
         cc = compile_kernel(getattr(M, kname), types, meta, warps, stages)
         out[f"{kname}[{t},bias={bias},BLOCK_N={block_n}]"] = dict(inspect(cc), dtype=t)
 cc = compile_kernel(M._linear_logprobs_merge_kernel,
                     dict(ws_ptr="*fp32", labels_ptr="*i64", logp_ptr="*fp32", ent_ptr="*fp32",
-                         lse_ptr="*fp32", N="i32", n_splits="i32", ignore_index="i32"),
+                         lse_ptr="*fp32", N="i32", V="i32", n_splits="i32", ignore_index="i32"),
                     dict(BLOCK=M._MERGE_BLOCK), 4, 1)
 out["_linear_logprobs_merge_kernel"] = dict(inspect(cc), dtype="fp32")
 print("RESULT" + json.dumps(out))

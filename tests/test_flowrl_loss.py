@@ -7,13 +7,13 @@ import torch
 
 from flowrl_kernels import flowrl_loss, reference
 from flowrl_kernels._utils import native_has
-from helpers import assert_no_worse_than_torch
+from helpers import DEVICE, assert_no_worse_than_torch
 
 import flowrl_kernels.ops.flowrl_loss as fl_mod
 
 IMPLS = ["triton", "torch",
-         pytest.param("native", marks=pytest.mark.skipif(not native_has("flowrl_loss_fwd"),
-                                                         reason="native extension without flowrl_loss_fwd"))]
+         pytest.param("native", marks=pytest.mark.skipif(not native_has("flowrl_loss_fwd", DEVICE),
+                                                         reason=f"native extension without a {DEVICE} flowrl_loss_fwd"))]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CLIPS = [(0.8, 1.2), (None, 1.2), (0.8, None), (None, None), (0.0, 10.0)]
 
@@ -158,7 +158,7 @@ def test_empty_rows(impl, device):
 def test_fully_masked_batch(impl, importance, device):
     logp, old, ref, log_z, rewards, mask = make_inputs(3, 20, torch.float32, device)
     loss, stats, g_logp, g_log_z = run((logp, old, ref, log_z, rewards, torch.zeros_like(mask)), impl,
-                                       grad=torch.tensor(1.0), importance=importance)
+                                       grad=torch.tensor(1.0, device=device), importance=importance)
     assert float(loss) == 0.0 and float(stats["clip_frac"]) == 0.0
     assert torch.equal(g_logp, torch.zeros_like(g_logp)) and torch.equal(g_log_z, torch.zeros_like(g_log_z))
 
@@ -166,18 +166,18 @@ def test_fully_masked_batch(impl, importance, device):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("B, T", [(0, 5), (3, 0)])
 def test_empty_tensors(impl, B, T, device):
-    loss, stats, g_logp, g_log_z = run(make_inputs(B, T, torch.float32, device), impl, grad=torch.tensor(1.0))
-    assert float(loss) == 0.0 and g_logp.shape == (B, T) and torch.equal(g_log_z, torch.zeros(B))
+    loss, stats, g_logp, g_log_z = run(make_inputs(B, T, torch.float32, device), impl, grad=torch.tensor(1.0, device=device))
+    assert float(loss) == 0.0 and g_logp.shape == (B, T) and torch.equal(g_log_z, torch.zeros(B, device=device))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_masked_positions_never_leak(impl, device):
     logp, old, ref, log_z, rewards, mask = make_inputs(3, 40, torch.float32, device)
     mask[:, ::3] = False
-    clean = run((logp, old, ref, log_z, rewards, mask), impl, "none", torch.ones(3))
+    clean = run((logp, old, ref, log_z, rewards, mask), impl, "none", torch.ones(3, device=device))
     for t, v in ((logp, float("nan")), (old, -float("inf")), (ref, float("inf"))):
         t[:, ::3] = v
-    dirty = run((logp, old, ref, log_z, rewards, mask), impl, "none", torch.ones(3))
+    dirty = run((logp, old, ref, log_z, rewards, mask), impl, "none", torch.ones(3, device=device))
     for a, b in ((clean[0], dirty[0]), (clean[2], dirty[2]), (clean[3], dirty[3])):
         assert torch.equal(a, b)
 
@@ -196,7 +196,7 @@ def test_neg_inf_old_logp(impl, clip, device):
         assert torch.isfinite(loss[1]) and torch.isfinite(g_logp).all()
     assert float(stats["clip_frac"]) >= 1 / 3
     # importance="none" never reads old_logp
-    loss_none = run(inputs, impl, "none", torch.ones(3), importance="none")[0]
+    loss_none = run(inputs, impl, "none", torch.ones(3, device=device), importance="none")[0]
     assert torch.isfinite(loss_none).all()
 
 
@@ -206,7 +206,7 @@ def test_neg_inf_ref_logp(impl, device):
     inputs = make_inputs(3, 30, torch.float32, device)
     inputs[2][2, 7] = -float("inf")
     inputs[5][2, 7] = True
-    loss, stats, g_logp, g_log_z = run(inputs, impl, "none", torch.ones(3))
+    loss, stats, g_logp, g_log_z = run(inputs, impl, "none", torch.ones(3, device=device))
     assert stats["ref_logp_mean"][2] == -float("inf") and stats["delta"][2] == float("inf")
     assert loss[2] == float("inf") and g_log_z[2] == float("inf")
     assert torch.isfinite(loss[:2]).all() and torch.isfinite(g_logp[:2]).all()
@@ -221,7 +221,7 @@ def test_huge_log_ratio(impl, sign, device):
     inputs[5].fill_(True)
     for clip, want in (((0.8, 1.2), 1.2 if sign > 0 else 0.8), ((None, None), math.exp(64.0) if sign > 0 else 0.0)):
         loss, stats, g_logp, g_log_z = check_against_reference(inputs, impl, "none", clip=clip)
-        assert torch.allclose(stats["weight"].double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6)
+        assert torch.allclose(stats["weight"].double(), torch.tensor(want, dtype=torch.float64, device=device), rtol=1e-6)
         if clip[1] is not None or sign < 0:  # else w = exp(64): w delta^2 may overflow, as in the reference
             assert torch.isfinite(loss).all() and torch.isfinite(g_logp).all() and torch.isfinite(g_log_z).all()
 
@@ -237,7 +237,7 @@ def test_nan_input_gives_nan_loss(impl, where, device):
         log_z[1] = float("nan")
     if where == "rewards":
         rewards[1] = float("nan")
-    loss, stats, g_logp, g_log_z = run((logp, old, ref, log_z, rewards, mask), impl, grad=torch.tensor(1.0))
+    loss, stats, g_logp, g_log_z = run((logp, old, ref, log_z, rewards, mask), impl, grad=torch.tensor(1.0, device=device))
     assert torch.isnan(loss)
     assert torch.isnan(g_log_z[1])
 
@@ -297,7 +297,17 @@ def test_too_long(device):
     T = 2**20 + 1
     x = torch.zeros((), device=device).expand(1, T)  # no memory behind it: the check runs first
     with pytest.raises(ValueError, match="2\\^20|1048576"):
-        flowrl_loss(x, x, x, torch.zeros(1), torch.zeros(1), x.bool(), impl="torch")
+        flowrl_loss(x, x, x, torch.zeros(1, device=device), torch.zeros(1, device=device), x.bool(), impl="torch")
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "torch"])  # the op serves the fused impls
+@pytest.mark.parametrize("mask", ["holes", "float"])
+def test_opcheck(impl, mask, device):
+    # the custom ops torch.compile sees: schema, fake kernels (shapes / dtypes / devices), autograd
+    logp, old, ref, log_z, rewards, m = make_inputs(3, 9, torch.bfloat16, device, mask=mask)
+    args = (logp.requires_grad_(), old, ref, log_z.requires_grad_(), rewards, m, 3.0, 1, math.log(0.8),
+            math.log(1.2), impl, True)
+    torch.library.opcheck(torch.ops.flowrl_kernels.flowrl_loss_fwd.default, args)
 
 
 # ----------------------------------------------------------------------------------------------------

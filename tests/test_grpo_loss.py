@@ -70,8 +70,8 @@ def test_against_scalar_loop(reduction, kl_coef, eps, per_token_adv, device):
     loss.sum().backward()
     want, dwant = loop_grpo(logp.double().tolist(), old.double().tolist(), adv.double().tolist(),
                             mask.double().tolist(), eps, ref.double().tolist(), kl_coef, reduction)
-    assert torch.allclose(loss, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-14)
-    assert torch.allclose(lp.grad, torch.tensor(dwant, dtype=torch.float64), rtol=1e-12, atol=1e-14)
+    assert torch.allclose(loss, torch.tensor(want, dtype=torch.float64, device=device), rtol=1e-12, atol=1e-14)
+    assert torch.allclose(lp.grad, torch.tensor(dwant, dtype=torch.float64, device=device), rtol=1e-12, atol=1e-14)
     assert 0 < float(stats["clip_frac"]) < 1 and float(stats["ratio_mean"]) > 0
     assert float(stats["kl"]) > 0
 

@@ -4,6 +4,8 @@ The patched helpers are compared with the trainers' OWN functions (imported from
 packages): values and gradients, judged against the original evaluated in float64 (the original at
 the test dtype sets the error bound). Packages that do not import on this machine are skipped with
 the reason (CI installs trl and verl; OpenRLHF's models package imports deepspeed and flash-attn).
+Every tensor is made on the test's device (tests/conftest.py); the output-dtype contracts themselves are
+tested row by row in tests/test_contracts.py.
 """
 from __future__ import annotations
 
@@ -15,23 +17,15 @@ import pytest
 import torch
 
 from flowrl_kernels.integrations import PatchError
-from helpers import assert_no_worse_than_torch, max_abs_err
+from helpers import assert_no_worse_than_torch, import_or_skip, max_abs_err
 
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def _import_or_skip(module: str):
-    try:
-        return __import__(module, fromlist=["_"])
-    except Exception as e:  # noqa: BLE001 - any import failure is a reason to skip, printed by -ra
-        pytest.skip(f"{module} does not import here ({type(e).__name__}: {e}); "
-                    "see pyproject extra 'integrations' for what CI installs")
-
-
-def _logits(shape, dtype, *, strided=True):
+def _logits(shape, dtype, device, *, strided=True):
     # a strided view (logits[:, :-1]) like every caller passes; scale 4 gives peaked, realistic rows
     B, T, V = shape
-    full = (4 * torch.randn(B, T + 1, V)).to(dtype)
+    full = (4 * torch.randn(B, T + 1, V, device=device)).to(dtype)
     x = full[:, :-1] if strided else full[:, :-1].contiguous()
     return x.detach().requires_grad_()
 
@@ -49,7 +43,7 @@ def _spec(x, *rest, n_out, **kw):
     """flowrl_kernels.reference (our ops' spec) on the same call; kw: temperature, row_mask."""
     from flowrl_kernels import reference as R
 
-    labels = rest[0] if rest else torch.zeros(x.shape[:-1], dtype=torch.long)
+    labels = rest[0] if rest else torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
     if kw.get("row_mask") is not None:
         labels = labels.masked_fill(kw["row_mask"] == 0, -100)
     logp, ent = R.token_logprobs(x, labels, temperature=kw.get("temperature", 1.0), return_entropy=True)
@@ -64,7 +58,7 @@ def _compare(ctx, get_ours, orig_fn, x, *rest, n_out, **kw):
     original, and our spec flowrl_kernels.reference), so the test checks semantics (temperature, masks,
     shapes, gradients), not which of two fp32 formulas rounds less. The originals run before patching:
     trl's composite helpers call the others through module globals."""
-    up = [torch.randn(x.shape[:-1], dtype=torch.float64) for _ in range(n_out)]
+    up = [torch.randn(x.shape[:-1], dtype=torch.float64, device=x.device) for _ in range(n_out)]
     ref, dref = _run(orig_fn, x.detach().double().requires_grad_(), *rest, upstream=up, **kw)
     tor, dtor = _run(orig_fn, x.detach().clone().requires_grad_(), *rest, upstream=up, **kw)
     spec_kw = {k: v for k, v in kw.items() if k in ("temperature", "row_mask", "entropy_requires_grad")}
@@ -86,8 +80,8 @@ def _compare(ctx, get_ours, orig_fn, x, *rest, n_out, **kw):
         return a if max_abs_err(a.double(), r) >= max_abs_err(b.double(), r) else b
 
     for i, (o, r) in enumerate(zip(ours, ref)):
-        assert o.shape == r.shape and o.dtype in (torch.float32, torch.float64)
-        assert_no_worse_than_torch(o.float(), r, worse(tor[i], spc[i], r).float(), name=f"output {i}")
+        assert o.shape == r.shape and o.dtype == tor[i].dtype, "the original's output dtype at x.dtype"
+        assert_no_worse_than_torch(o, r, worse(tor[i], spc[i], r).to(o.dtype), name=f"output {i}")
     assert_no_worse_than_torch(dours, dref, worse(dtor, dspc, dref), name="grad")
 
 
@@ -96,7 +90,7 @@ def _compare(ctx, get_ours, orig_fn, x, *rest, n_out, **kw):
 # ----------------------------------------------------------------------------------------------------
 @pytest.fixture
 def trl_mod():
-    U = _import_or_skip("trl.trainer.utils")
+    U = import_or_skip("trl.trainer.utils")
     import flowrl_kernels.integrations.trl as fk_trl
     yield U, fk_trl
     fk_trl.unpatch()
@@ -104,32 +98,32 @@ def trl_mod():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_trl_selective_log_softmax(trl_mod, dtype, temperature):
+def test_trl_selective_log_softmax(trl_mod, device, dtype, temperature):
     U, fk_trl = trl_mod
     orig = U.selective_log_softmax
-    x = _logits((3, 7, 1001), dtype)
-    idx = torch.randint(0, 1001, (3, 7))
-    row_mask = torch.rand(3, 7) > 0.3
+    x = _logits((3, 7, 1001), dtype, device)
+    idx = torch.randint(0, 1001, (3, 7), device=device)
+    row_mask = torch.rand(3, 7, device=device) > 0.3
     _compare(fk_trl.patched, lambda: U.selective_log_softmax, orig, x, idx, n_out=1, temperature=temperature,
              row_mask=row_mask)
     assert U.selective_log_softmax is orig
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_trl_entropy_from_logits(trl_mod, dtype):
+def test_trl_entropy_from_logits(trl_mod, device, dtype):
     U, fk_trl = trl_mod
     orig = U.entropy_from_logits
-    x = _logits((2, 9, 517), dtype)
+    x = _logits((2, 9, 517), dtype, device)
     _compare(fk_trl.patched, lambda: U.entropy_from_logits, orig, x, n_out=1)
 
 
 @pytest.mark.parametrize("entropy_requires_grad", [True, False])
-def test_trl_selective_log_softmax_and_entropy(trl_mod, entropy_requires_grad):
+def test_trl_selective_log_softmax_and_entropy(trl_mod, device, entropy_requires_grad):
     U, fk_trl = trl_mod
     orig = U.selective_log_softmax_and_entropy
-    x = _logits((2, 5, 333), torch.float32)
-    idx = torch.randint(0, 333, (2, 5))
-    row_mask = torch.rand(2, 5) > 0.3
+    x = _logits((2, 5, 333), torch.float32, device)
+    idx = torch.randint(0, 333, (2, 5), device=device)
+    row_mask = torch.rand(2, 5, device=device) > 0.3
     _compare(fk_trl.patched, lambda: U.selective_log_softmax_and_entropy, orig, x, idx, n_out=2, temperature=0.6,
              row_mask=row_mask, entropy_requires_grad=entropy_requires_grad)
     with fk_trl.patched():
@@ -137,26 +131,26 @@ def test_trl_selective_log_softmax_and_entropy(trl_mod, entropy_requires_grad):
         assert ent.requires_grad == entropy_requires_grad and logp.requires_grad
 
 
-def test_trl_top_k_index_falls_back(trl_mod):
+def test_trl_top_k_index_falls_back(trl_mod, device):
     U, fk_trl = trl_mod
     orig = U.selective_log_softmax
-    x = torch.randn(2, 4, 50)
-    idx = torch.randint(0, 50, (2, 4, 3))  # (..., K): a top-K gather, not per-token
+    x = torch.randn(2, 4, 50, device=device)
+    idx = torch.randint(0, 50, (2, 4, 3), device=device)  # (..., K): a top-K gather, not per-token
     with fk_trl.patched():
         assert torch.equal(U.selective_log_softmax(x, idx, temperature=0.5), orig(x, idx, temperature=0.5))
 
 
 @pytest.mark.parametrize("temperature, logit_scale, bias", [(1.0, 1.0, False), (0.7, 0.5, True)])
-def test_trl_chunked_logprob_function(trl_mod, temperature, logit_scale, bias):
+def test_trl_chunked_logprob_function(trl_mod, device, temperature, logit_scale, bias):
     """The helper trl 1.16's GRPO trainer reaches through add_fused_lm_head (hidden states, lm_head weight)."""
     U, fk_trl = trl_mod
     orig = U._ChunkedLogProbFunction
     N, H, V = 37, 24, 301
-    h = torch.randn(N, H, dtype=torch.float64)
-    w = torch.randn(V, H, dtype=torch.float64) / H**0.5
-    b = torch.randn(V, dtype=torch.float64) if bias else None
-    y = torch.randint(0, V, (N,))
-    up = [torch.randn(N, dtype=torch.float64) for _ in range(2)]
+    h = torch.randn(N, H, dtype=torch.float64, device=device)
+    w = torch.randn(V, H, dtype=torch.float64, device=device) / H**0.5
+    b = torch.randn(V, dtype=torch.float64, device=device) if bias else None
+    y = torch.randint(0, V, (N,), device=device)
+    up = [torch.randn(N, dtype=torch.float64, device=device) for _ in range(2)]
     outputs = ("log_probs", "entropy")
 
     def run(fn, dtype):
@@ -177,15 +171,15 @@ def test_trl_chunked_logprob_function(trl_mod, temperature, logit_scale, bias):
         assert_no_worse_than_torch(o, r, t, name=name)
 
 
-def test_trl_fused_lm_head_end_to_end(trl_mod):
+def test_trl_fused_lm_head_end_to_end(trl_mod, device):
     """trl.trainer.utils.add_fused_lm_head (the GRPO trainer's log-prob path) gives the same per-token
     log-probs and entropy, and the same lm_head gradient, with the patch on."""
     U, fk_trl = trl_mod
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = _tiny(LlamaForCausalLM, LlamaConfig)
+    model = _tiny(LlamaForCausalLM, LlamaConfig).to(device)
     U.add_fused_lm_head(model, temperature=0.8, outputs=("log_probs", "entropy"))
-    ids = torch.randint(0, 97, (2, 9))
+    ids = torch.randint(0, 97, (2, 9), device=device)
     labels = ids.clone()
     labels[:, :4] = -100
 
@@ -263,22 +257,22 @@ def test_patch_refuses_missing_package():
 # ----------------------------------------------------------------------------------------------------
 @pytest.fixture
 def verl_mod():
-    F = _import_or_skip("verl.utils.torch_functional")
+    F = import_or_skip("verl.utils.torch_functional")
     import flowrl_kernels.integrations.verl as fk_verl
     yield F, fk_verl
     fk_verl.unpatch()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_verl_logprobs_and_entropy(verl_mod, dtype):
+def test_verl_logprobs_and_entropy(verl_mod, device, dtype):
     F, fk_verl = verl_mod
     names = ("logprobs_from_logits", "entropy_from_logits", "entropy_from_logits_with_chunking")
     origs = {n: getattr(F, n) for n in names}
-    x = _logits((3, 6, 771), dtype)
-    y = torch.randint(0, 771, (3, 6))
+    x = _logits((3, 6, 771), dtype, device)
+    y = torch.randint(0, 771, (3, 6), device=device)
     _compare(fk_verl.patched, lambda: F.logprobs_from_logits, origs["logprobs_from_logits"], x, y, n_out=1)
     _compare(fk_verl.patched, lambda: F.entropy_from_logits, origs["entropy_from_logits"], x, n_out=1)
-    x2 = _logits((1, 11, 771), dtype)[0]  # the chunked entropy takes [N, V]
+    x2 = _logits((1, 11, 771), dtype, device)[0]  # the chunked entropy takes [N, V]
     _compare(fk_verl.patched, lambda: F.entropy_from_logits_with_chunking,
              origs["entropy_from_logits_with_chunking"], x2, n_out=1, chunk_size=4)
     assert all(getattr(F, n) is origs[n] for n in names)
@@ -296,15 +290,15 @@ def test_verl_refuses_cleanly(verl_mod, monkeypatch):
 # ----------------------------------------------------------------------------------------------------
 # OpenRLHF
 # ----------------------------------------------------------------------------------------------------
-def test_openrlhf_replacements_semantics():
+def test_openrlhf_replacements_semantics(device):
     """Without the package: OpenRLHF's contract as read from openrlhf/models/utils.py (0.11.2):
     log_probs_from_logits divides the caller's logits in place by T, then log_softmax-gathers."""
     import flowrl_kernels.integrations.openrlhf as fk_o
 
     lp_fn = fk_o._build_log_probs_from_logits(None)
     ent_fn = fk_o._build_compute_entropy(None)
-    x = 3 * torch.randn(2, 5, 211)
-    y = torch.randint(0, 211, (2, 5))
+    x = 3 * torch.randn(2, 5, 211, device=device)
+    y = torch.randint(0, 211, (2, 5), device=device)
     xs = x.clone()
     lp = lp_fn(xs, y, temperature=0.5)
     assert torch.equal(xs, x / 0.5)  # the in-place side effect is kept
@@ -314,13 +308,13 @@ def test_openrlhf_replacements_semantics():
     torch.testing.assert_close(ent_fn(x).double(), -(ls1.exp() * ls1).sum(-1), rtol=1e-5, atol=1e-5)
 
 
-def test_openrlhf_against_package():
-    U = _import_or_skip("openrlhf.models.utils")
+def test_openrlhf_against_package(device):
+    U = import_or_skip("openrlhf.models.utils")
     import flowrl_kernels.integrations.openrlhf as fk_o
 
     orig_lp, orig_ent = U.log_probs_from_logits, U.compute_entropy
-    x = _logits((2, 5, 331), torch.float32)
-    y = torch.randint(0, 331, (2, 5))
+    x = _logits((2, 5, 331), torch.float32, device)
+    y = torch.randint(0, 331, (2, 5), device=device)
     # clone: log_probs_from_logits scales the caller's logits in place
     _compare(fk_o.patched, lambda: (lambda a, b, temperature: U.log_probs_from_logits(a.clone(), b, temperature)),
              lambda a, b, temperature: orig_lp(a.clone(), b, temperature), x, y, n_out=1, temperature=0.7)
@@ -350,12 +344,12 @@ def _tiny(model_cls, config_cls, **kw):
     return model_cls(cfg).eval()
 
 
-def _batch(B=3, T=13, V=97):
-    ids = torch.randint(0, V, (B, T))
-    am = torch.ones(B, T, dtype=torch.long)
+def _batch(B=3, T=13, V=97, device="cpu"):
+    ids = torch.randint(0, V, (B, T), device=device)
+    am = torch.ones(B, T, dtype=torch.long, device=device)
     am[0, :4] = 0  # left padding
     am[1, :1] = 0
-    rm = torch.zeros(B, T, dtype=torch.long)
+    rm = torch.zeros(B, T, dtype=torch.long, device=device)
     rm[:, 7:] = 1
     rm[2, 11:] = 0  # right-padded response
     return ids, am, rm
@@ -369,11 +363,11 @@ def _logits_path(model, ids, am, rm, temperature):
     ls = torch.log_softmax(logits / temperature, -1)
     m = (rm * am).bool()
     m[:, 0] = False
-    logp = torch.zeros(ids.shape, dtype=ls.dtype)
-    ent = torch.zeros(ids.shape, dtype=ls.dtype)
+    logp = torch.zeros(ids.shape, dtype=ls.dtype, device=ls.device)
+    ent = torch.zeros(ids.shape, dtype=ls.dtype, device=ls.device)
     logp[:, 1:] = ls[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
     ent[:, 1:] = -(ls.exp() * ls).sum(-1)[:, :-1]
-    zero = torch.zeros((), dtype=ls.dtype)
+    zero = torch.zeros((), dtype=ls.dtype, device=ls.device)
     return torch.where(m, logp, zero), torch.where(m, ent, zero)
 
 
@@ -401,17 +395,17 @@ HF_CASES.append(("llama", 0.6, "triton"))  # the fused kernel itself (CPU interp
 
 
 @pytest.mark.parametrize("case, temperature, impl", HF_CASES)
-def test_hf_response_logprobs(case, temperature, impl):
+def test_hf_response_logprobs(case, temperature, impl, device):
     from flowrl_kernels._utils import triton_available
     from flowrl_kernels.hf import response_logprobs
 
     if impl == "triton" and not triton_available():
         pytest.skip("triton is not importable")
 
-    model = _model_cases()[case]()
+    model = _model_cases()[case]().to(device)
     model64 = copy.deepcopy(model).double()
-    ids, am, rm = _batch()
-    g = torch.randn(2, *ids.shape, dtype=torch.float64)
+    ids, am, rm = _batch(device=device)
+    g = torch.randn(2, *ids.shape, dtype=torch.float64, device=device)
 
     def run(m, fn):
         m.zero_grad()
@@ -438,12 +432,12 @@ def test_hf_response_logprobs(case, temperature, impl):
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
-def test_hf_logprobs_only_and_no_response():
+def test_hf_logprobs_only_and_no_response(device):
     from flowrl_kernels.hf import response_logprobs
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = _tiny(LlamaForCausalLM, LlamaConfig)
-    ids, am, rm = _batch()
+    model = _tiny(LlamaForCausalLM, LlamaConfig).to(device)
+    ids, am, rm = _batch(device=device)
     logp = response_logprobs(model, ids, am, rm)
     ref, _ = _logits_path(model, ids, am, rm, 1.0)
     torch.testing.assert_close(logp, ref, rtol=1e-5, atol=1e-5)
@@ -455,20 +449,42 @@ def test_hf_logprobs_only_and_no_response():
     assert "forward" not in model.lm_head.__dict__  # the head is restored
 
 
-def test_hf_refuses_what_it_cannot_reproduce():
+def test_hf_refuses_what_it_cannot_reproduce(device):
     from flowrl_kernels.hf import response_logprobs
     from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
-    ids, am, rm = _batch()
-    gemma = _tiny(Gemma2ForCausalLM, Gemma2Config, head_dim=8, final_logit_softcapping=30.0)
+    ids, am, rm = _batch(device=device)
+    gemma = _tiny(Gemma2ForCausalLM, Gemma2Config, head_dim=8, final_logit_softcapping=30.0).to(device)
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         response_logprobs(gemma, ids, am, rm)
     # a post-head scale the config does not announce is caught by the probe columns
-    cohere = _tiny(CohereForCausalLM, CohereConfig, logit_scale=0.3)
+    cohere = _tiny(CohereForCausalLM, CohereConfig, logit_scale=0.3).to(device)
     cohere.config.logit_scale = None
     with pytest.raises(ValueError, match="does not announce"):
         response_logprobs(cohere, ids, am, rm)
     assert "forward" not in cohere.lm_head.__dict__
+
+
+def test_hf_probe_checked_once_per_model(device, monkeypatch):
+    # the post-head probe costs a host sync: it runs on a model's first call only, and later calls
+    # still give the model's own log-probs
+    import flowrl_kernels.hf as hf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    seen = []
+    real = hf._check_probe
+    monkeypatch.setattr(hf, "_check_probe", lambda probe, scale: (seen.append(1), real(probe, scale)))
+    model = _tiny(LlamaForCausalLM, LlamaConfig).to(device)
+    for _ in range(3):
+        ids, am, rm = _batch(device=device)
+        logp = hf.response_logprobs(model, ids, am, rm)
+        expect = torch.log_softmax(model(input_ids=ids, attention_mask=am,
+                                         position_ids=hf.left_padded_position_ids(am)).logits.float(), -1)
+        expect = expect[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        sel = ((rm != 0) & (am != 0))[:, 1:]
+        assert torch.allclose(logp[:, 1:][sel], expect[sel], atol=1e-4)
+        assert (logp[:, 1:][~sel] == 0).all() and (logp[:, 0] == 0).all()
+    assert len(seen) == 1
 
 
 def _fsdp2_worker(rank, world, init_file, queue):
@@ -507,7 +523,8 @@ def _fsdp2_worker(rank, world, init_file, queue):
 @pytest.mark.slow
 def test_hf_response_logprobs_under_fsdp2(tmp_path):
     """2 ranks (gloo, CPU), fully_shard on every block, the lm_head and the root: the same log-probs and
-    entropy per rank and the same (rank-averaged) gradients as the unsharded model."""
+    entropy per rank and the same (rank-averaged) gradients as the unsharded model. CPU tensors on every
+    machine by design (gloo ranks in spawned processes)."""
     import torch.multiprocessing as mp
 
     if not torch.distributed.is_available():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flowrl_kernels import reference
+import flowrl_kernels.ops.linear_token_logprobs as lin_mod
 from flowrl_kernels.ops.linear_token_logprobs import linear_token_logprobs
 from helpers import assert_no_worse_than_torch
 
@@ -191,8 +192,8 @@ def test_argument_checks(device):
         f(h, w, lab, temperature=0.0)
     with pytest.raises(ValueError, match="temperature"):
         f(h, w, lab, temperature=torch.tensor(1.0))
-    with pytest.raises(ValueError, match="outside"):
-        f(h, w, torch.tensor([0, 1, 10, 2], device=device))
+    with pytest.raises(ValueError, match="outside"):  # CPU: always checked; CUDA: with validate=True
+        f(h, w, torch.tensor([0, 1, 10, 2], device=device), validate=True)
     with pytest.raises(ValueError, match="chunk_size"):
         f(h, w, lab, chunk_size=0)
     with pytest.raises(ValueError, match="impl"):
@@ -202,6 +203,40 @@ def test_argument_checks(device):
     if device == "cpu":
         with pytest.raises(ValueError, match="on cpu|on meta"):
             f(h, w.to("meta"), lab)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_out_of_range_labels_poison_their_row(impl, device, monkeypatch):
+    # the policy of token_logprobs (see its test): an unchecked label outside [0, V) gives NaN logp and
+    # entropy and NaN dlogits for its row (so NaN grads of hidden at that row, and of the whole weight
+    # through the matmul), never a finite logp = -lse; the CPU check is bypassed to run what CUDA runs
+    monkeypatch.setattr(lin_mod, "check_labels_in_range", lambda *a, **k: None)
+    V = 20
+    hidden, weight, _, _ = _inputs((7,), 16, V, torch.float32, device)
+    labels = torch.tensor([1, V, -5, -100, V + 3, -1, 19], device=device)
+    bad, good = [1, 2, 4, 5], [0, 6]
+    h = hidden.clone().requires_grad_(True)
+    logp, ent = linear_token_logprobs(h, weight, labels, impl=impl, return_entropy=True)
+    (logp.sum() + ent.sum()).backward()
+    assert torch.isnan(logp[bad]).all() and torch.isnan(ent[bad]).all() and torch.isnan(h.grad[bad]).all()
+    assert logp[3] == 0 and ent[3] == 0 and (h.grad[3] == 0).all()
+    assert torch.isfinite(h.grad[good]).all()
+    ref = reference.linear_token_logprobs(hidden[good].double(), weight.double(), labels[good], return_entropy=True)
+    base = reference.linear_token_logprobs(hidden[good], weight, labels[good], return_entropy=True)
+    for o, r, b, name in zip((logp[good], ent[good]), ref, base, ("logp", "entropy")):
+        assert_no_worse_than_torch(o, r, b, name=f"{impl} {name} of the in-range rows")
+
+
+def test_opcheck(device):
+    # the Triton launchers as the custom ops torch.compile sees (schema, fake kernels)
+    hidden, weight, b, labels = _inputs((13,), 16, 70, torch.bfloat16, device, bias=True)
+    b = b.float()
+    torch.library.opcheck(torch.ops.flowrl_kernels.linear_token_logprobs_fwd.default,
+                          (hidden, weight, b, labels, 0.8, -100))
+    lp, ent, lse = torch.ops.flowrl_kernels.linear_token_logprobs_fwd(hidden, weight, b, labels, 0.8, -100)
+    g = torch.randn(13, device=device)
+    torch.library.opcheck(torch.ops.flowrl_kernels.linear_token_logprobs_dlogits.default,
+                          (hidden, weight, b, labels, lse, ent, g, g, 0.8, -100))
 
 
 def test_float64_torch_path(device):

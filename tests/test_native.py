@@ -130,12 +130,13 @@ def test_token_logprobs_edge_rows():
     empty = ops().token_logprobs_fwd(torch.randn(0, V), torch.zeros(0, dtype=torch.long), 1.0, True, IGNORE)
     assert all(t.shape == (0,) for t in empty)
 
-    for bad in (V + 1, -1):  # V itself is the vocab-shard sentinel (below); anything else is refused
-        with pytest.raises(RuntimeError, match="outside"):
-            ops().token_logprobs_fwd(x, torch.tensor([0, 1, bad, 3]), 1.0, False, IGNORE)
-        with pytest.raises(RuntimeError, match="outside"):
-            ops().token_logprobs_bwd(x, torch.tensor([0, 1, bad, 3]), torch.zeros(N), torch.zeros(N), torch.ones(N),
-                                     None, 1.0, IGNORE)
+    for bad in (V + 1, -1):  # V itself is the vocab-shard sentinel (below); anything else poisons its row
+        lab = torch.tensor([0, 1, bad, 3])
+        lp, lse, ent = ops().token_logprobs_fwd(x, lab, 1.0, True, IGNORE)
+        assert torch.isnan(lp[2]) and torch.isnan(lse[2]) and torch.isnan(ent[2])
+        assert torch.isfinite(lp[[0, 1, 3]]).all() and torch.isfinite(ent[[0, 1, 3]]).all()
+        g = ops().token_logprobs_bwd(x, lab, lse, ent, torch.ones(N), torch.ones(N), 1.0, IGNORE)
+        assert torch.isnan(g[2]).all() and torch.isfinite(g[[0, 1, 3]]).all()
     # label == V: "the target is in another vocab shard" (tensor-parallel vocab): logp NaN, lse and
     # entropy as for any row, and no one-hot term in the backward
     lab = torch.tensor([0, V, 2, V])
@@ -153,6 +154,11 @@ def test_token_logprobs_edge_rows():
     assert torch.allclose(g.double(), want, rtol=0, atol=1e-6)
     with pytest.raises(RuntimeError, match="unit stride"):
         ops().token_logprobs_fwd(torch.randn(V, N).t(), y, 1.0, False, IGNORE)
+    # the per-row inputs of the backward are checked (shape, float dtype, device), not only the labels
+    with pytest.raises(RuntimeError, match="lse must be a float tensor"):
+        ops().token_logprobs_bwd(x, y, torch.zeros(N, dtype=torch.long), ent, gl, None, 1.0, IGNORE)
+    with pytest.raises(RuntimeError, match=r"grad_entropy must be \[N\]"):
+        ops().token_logprobs_bwd(x, y, lse, ent, gl, torch.ones(N + 1), 1.0, IGNORE)
 
 
 @needs_native

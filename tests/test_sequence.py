@@ -7,11 +7,11 @@ import torch
 
 from flowrl_kernels import group_normalize, importance_weights, masked_mean, reference, seq_log_ratio
 from flowrl_kernels._utils import native_has
-from helpers import assert_no_worse_than_torch
+from helpers import DEVICE, assert_no_worse_than_torch
 
 FAST_IMPLS = ["triton", "torch",
-              pytest.param("native", marks=pytest.mark.skipif(not native_has("flowrl_loss_fwd"),
-                                                              reason="native extension without flowrl_loss_fwd"))]
+              pytest.param("native", marks=pytest.mark.skipif(not native_has("flowrl_loss_fwd", DEVICE),
+                                                              reason=f"native extension without a {DEVICE} flowrl_loss_fwd"))]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1), (3, 257), (4, 1000), (257, 3)]
 
@@ -179,7 +179,7 @@ def test_importance_weights_extremes(impl, level, device):
 def test_importance_weights_all_masked_and_strided(impl, device):
     logp, old, mask = iw_inputs(5, 60, torch.float32, device)
     w, frac = importance_weights(logp, old, torch.zeros_like(mask), impl=impl)
-    assert torch.equal(w, torch.zeros(5)) and float(frac) == 0.0
+    assert torch.equal(w, torch.zeros(5, device=device)) and float(frac) == 0.0
     big = torch.cat([logp, old], 1)
     check_iw(big[:, :60], old.t().contiguous().t(), mask[:, :].t().contiguous().t(), impl)
 
@@ -196,7 +196,7 @@ def test_group_normalize_by_hand(device):
             -1.5 / math.sqrt(3.0), 1.5 / math.sqrt(3.0)]
     assert got.tolist()[:8] == pytest.approx(want[:8], rel=1e-6, abs=0)
     assert got.tolist()[8:] == pytest.approx(want[8:], rel=1e-5)  # eps 1e-6 against std sqrt(3)
-    assert torch.equal(got[4:8], torch.zeros(4))
+    assert torch.equal(got[4:8], torch.zeros(4, device=device))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool])
@@ -206,7 +206,7 @@ def test_group_normalize_dtypes(dtype, device):
     want = reference.group_normalize(r.double(), 6)
     assert got.dtype == torch.float32
     assert_no_worse_than_torch(got, want, reference.group_normalize(r.float(), 6), name="z")
-    assert torch.equal(group_normalize(r, 1), torch.zeros(24))
+    assert torch.equal(group_normalize(r, 1), torch.zeros(24, device=device))
 
 
 @pytest.mark.parametrize("args, match", [

@@ -10,7 +10,7 @@ import torch
 import flowrl_kernels
 from flowrl_kernels import reference, token_logprobs
 from flowrl_kernels._utils import native_has
-from helpers import assert_no_worse_than_torch
+from helpers import DEVICE, assert_no_worse_than_torch
 
 import flowrl_kernels.ops.token_logprobs as tlp_mod
 
@@ -192,13 +192,30 @@ def test_outputs_fully_written_and_grid_chunks(device, monkeypatch):
     assert all(torch.isfinite(o).all() for o in out)
 
 
-def test_out_of_range_label_is_nan_when_unchecked(device, monkeypatch):
-    # on GPU without validate=True the range check is skipped (no sync): the kernel must not read out of
-    # bounds and must not return a finite number
+IMPLS = ["torch", "triton",
+         pytest.param("native", marks=pytest.mark.skipif(not native_has("token_logprobs_fwd", DEVICE),
+                                                         reason=f"native extension without a {DEVICE} kernel"))]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_out_of_range_labels_poison_their_row(impl, device, monkeypatch):
+    # The documented policy for an unchecked label outside [0, V) (GPU without validate=True; here the
+    # CPU check is bypassed to run what CUDA runs): NaN logp, NaN entropy, NaN gradient row, in every
+    # impl; never an out-of-bounds read, never a finite logp. V itself is out of range too (it is the
+    # vocab-shard sentinel only under process_group=). Other rows are untouched.
     monkeypatch.setattr(tlp_mod, "check_labels_in_range", lambda *a, **k: None)
-    x = _logits((3, 10), torch.float32, device)
-    lp = token_logprobs(x, torch.tensor([1, 10, -5], device=device), impl="triton")
-    assert torch.isfinite(lp[0]) and torch.isnan(lp[1:]).all()
+    V = 10
+    x = _logits((7, V), torch.float32, device)
+    y = torch.tensor([1, V, -5, -100, V + 3, -1, 9], device=device)  # -100 = ignore_index
+    bad, good = [1, 2, 4, 5], [0, 6]
+    glp, gent = torch.randn(7, device=device), torch.randn(7, device=device)
+    lp, ent, g = _fwd_bwd(lambda *a, **k: token_logprobs(*a, impl=impl, **k), x, y, glp, gent)
+    assert torch.isnan(lp[bad]).all() and torch.isnan(ent[bad]).all() and torch.isnan(g[bad]).all()
+    assert lp[3] == 0 and ent[3] == 0 and (g[3] == 0).all()
+    ref = _fwd_bwd(reference.token_logprobs, x[good].double(), y[good], glp[good].double(), gent[good].double())
+    tor = _fwd_bwd(reference.token_logprobs, x[good], y[good], glp[good], gent[good])
+    for o, r, t, name in zip((lp[good], ent[good], g[good]), ref, tor, ("logp", "entropy", "grad")):
+        assert_no_worse_than_torch(o, r, t, name=f"{impl} {name} of the in-range rows")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,10 +264,12 @@ def test_value_errors(case, match, device):
         kw["temperature"] = -1.0
     elif case == "temp_tensor":
         kw["temperature"] = torch.tensor(1.0)
-    elif case == "label_high":
+    elif case == "label_high":  # checked on CPU always, on CUDA with validate=True (one sync)
         y[2] = 7
+        kw["validate"] = True
     elif case == "label_neg":
         y[1] = -1
+        kw["validate"] = True
     elif case == "impl":
         kw["impl"] = "cuda"
     elif case == "ignore_index":
@@ -277,7 +296,7 @@ def test_validate_and_float64_torch(device):
 def test_opcheck(device):
     x = _logits((5, 19), torch.bfloat16, device).requires_grad_()
     y = _labels((5,), 19, device)
-    torch.library.opcheck(torch.ops.flowrl_kernels.token_logprobs_fwd.default, (x, y, 0.8, True, -100, "triton"))
+    torch.library.opcheck(torch.ops.flowrl_kernels.token_logprobs_fwd.default, (x, y, 0.8, True, -100, "triton", False))
 
 
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
@@ -301,13 +320,14 @@ def test_torch_compile_fullgraph(impl, backend, device):
     torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(not native_has("token_logprobs_fwd"), reason="native extension not built")
+@pytest.mark.skipif(not native_has("token_logprobs_fwd", DEVICE), reason=f"native extension without a {DEVICE} kernel")
 def test_native_matches_triton(device):
     x = _logits((2, 7, 1000), torch.bfloat16, device)[:, :-1]
     y = _labels((2, 6), 1000, device)
-    outs = [_fwd_bwd(lambda *a, **k: token_logprobs(*a, impl=i, **k), x, y, torch.ones(2, 6), torch.ones(2, 6),
+    ones = torch.ones(2, 6, device=device)
+    outs = [_fwd_bwd(lambda *a, **k: token_logprobs(*a, impl=i, **k), x, y, ones, ones,
                      temperature=0.8) for i in ("native", "triton")]
-    ref = _fwd_bwd(reference.token_logprobs, x.double(), y, torch.ones(2, 6).double(), torch.ones(2, 6).double(),
+    ref = _fwd_bwd(reference.token_logprobs, x.double(), y, ones.double(), ones.double(),
                    temperature=0.8)
     for o, t, r in zip(*outs, ref):
         assert_no_worse_than_torch(o, r, t)

@@ -1,4 +1,5 @@
-"""Checkpoints and faults, end to end through `flowrl/train.py` subprocesses (tiny.toml, CPU, 1 thread):
+"""Checkpoints and faults, end to end through `flowrl/train.py` subprocesses (tiny.toml, CPU, 1 thread;
+on a GPU machine: CUDA with run.deterministic, the 2-rank runs on the CPU unless there are 2 GPUs):
 
 - exact resume: "4 steps" == "2 steps, killed, relaunched, 2 more" (parameters, optimizer state and every
   deterministic metric bit-identical), on 1 rank and on 2 FSDP ranks;
@@ -27,12 +28,21 @@ BASE = ["--config", TINY, "--train.steps=4", "--checkpoint.every=2", "--checkpoi
 NONDETERMINISTIC = {"step_time", "time_generate", "time_logprobs", "time_update", "tokens_per_s", "peak_memory_mb"}
 
 
+def device_args(ranks: int) -> list:
+    """CPU machine: nothing (gloo). Fewer GPUs than ranks: those ranks train on the CPU (gloo), not on
+    CUDA devices that do not exist. Enough GPUs: CUDA, with the deterministic kernels that bit-exact
+    resume on CUDA needs (flowrl/checkpoint.py)."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [] if n == 0 else ["--run.device=cpu"] if n < ranks else ["--run.deterministic=true"]
+
+
 def launch(tmp_path, name, *, ranks=1, fault="", expect=0, extra=()):
     script = [str(ROOT / "flowrl" / "train.py")]
     if ranks > 1:
         script = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] + script
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", FLOWRL_FAULT=fault)
-    res = subprocess.run([sys.executable] + script + BASE + [f"--run.name={name}", *extra], cwd=tmp_path, env=env,
+    res = subprocess.run([sys.executable] + script + BASE + device_args(ranks) + [f"--run.name={name}", *extra],
+                         cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=240)
     if expect == KILLED and ranks > 1:  # torchrun reports its workers' exit code and exits 1
         assert res.returncode == 1 and f"exitcode  : {KILLED}" in res.stderr, res.stderr[-3000:]

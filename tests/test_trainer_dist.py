@@ -24,6 +24,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _device(ranks: int) -> str:
+    """'cpu' (gloo) when this machine has some GPUs but fewer than ``ranks``; else the default."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return "cpu" if 0 < n < ranks else "auto"
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return (t.to_local() if hasattr(t, "to_local") else t).detach().clone()
 
@@ -34,7 +40,7 @@ def _worker(rank: int, world: int, port: int, argv: list, result_dir: str) -> No
     from flowrl import config, distributed, model, rollout, tasks, train
     from flowrl.metrics import Metrics
     cfg = config.load(argv)
-    env = distributed.init(1)
+    env = distributed.init(1, device=_device(world))
     try:
         cfg.check_world(env.world_size)
         policy, ref, tok = model.build(cfg, env)
@@ -96,7 +102,8 @@ def _run(cmd, tmp_path, timeout=240):
 def test_torchrun_cli(tmp_path):
     """The documented launch: torchrun flowrl/train.py, with CLI overrides, outputs in runs/<name>/."""
     res = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                str(ROOT / "flowrl" / "train.py"), "--config", TINY, "--train.steps=2", "--eval.every=1",
+                str(ROOT / "flowrl" / "train.py"), "--config", TINY, f"--run.device={_device(2)}",
+                "--train.steps=2", "--eval.every=1",
                 "--algo.importance=sequence_mean", "--train.epochs=2"], tmp_path)
     run = tmp_path / "runs" / "tiny"
     assert "done in" in res.stdout

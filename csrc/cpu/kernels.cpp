@@ -85,9 +85,10 @@ void token_logprobs_fwd_rows(const T* logits, int64_t row_stride, const int64_t*
     const int64_t label = labels[i * label_stride];
     const bool valid = label != ignore_index;
     // label == V: the target is in another vocab shard (tensor-parallel vocab): lse and entropy as
-    // usual, logp NaN (the caller takes the target logit from the shard that holds it)
-    TORCH_CHECK(!valid || (label >= 0 && label <= V), "flowrl_kernels_native.token_logprobs_fwd: label ",
-                label, " at row ", i, " is outside [0, ", V, "] and not ignore_index=", ignore_index);
+    // usual, logp NaN (the caller takes the target logit from the shard that holds it). Any other label
+    // outside [0, V) poisons the row (NaN logp, lse, entropy), as the CUDA and Triton kernels do: the
+    // Python layer checks CPU labels, so only a direct or traced (torch.compile) call gets here.
+    const bool bad = valid && (label < 0 || label > V);
     float m = -kInf;      // running max of z
     double S = 0., Wz = 0.;  // sum e^(z-m), sum (z-m) e^(z-m): across-chunk totals in double
     for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
@@ -136,11 +137,11 @@ void token_logprobs_fwd_rows(const T* logits, int64_t row_stride, const int64_t*
       S += st;
       Wz += wt;
     }
-    const double logS = std::log(S);
+    constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+    const double logS = bad ? kNaN : std::log(S);
     lse_out[i] = static_cast<float>(m + logS);
     if (valid) {
-      const double zl = label < V ? std::fma(static_cast<float>(x[label]), inv_t, -m)
-                                  : std::numeric_limits<double>::quiet_NaN();
+      const double zl = label >= 0 && label < V ? std::fma(static_cast<float>(x[label]), inv_t, -m) : kNaN;
       logp_out[i] = static_cast<float>(zl - logS);
       if (ent_out) ent_out[i] = static_cast<float>(logS - Wz / S);
     } else {
@@ -168,14 +169,15 @@ void token_logprobs_bwd_rows(const T* logits, int64_t row_stride, const int64_t*
       for (; j < V; ++j) g[j] = T(0.f);
       continue;
     }
-    // label == V: the target is in another vocab shard, so no [j == label] term in this one
-    TORCH_CHECK(label >= 0 && label <= V, "flowrl_kernels_native.token_logprobs_bwd: label ", label,
-                " at row ", i, " is outside [0, ", V, "] and not ignore_index=", ignore_index);
+    // label == V: the target is in another vocab shard, so no [j == label] term in this one; any other
+    // label outside [0, V) gives a NaN row (through l), never an out-of-bounds write
+    const bool bad = label < 0 || label > V;
     const float gl = grad_logp[i];
     const float ge = grad_entropy ? grad_entropy[i] : 0.f;
     // skip H entirely without an entropy gradient: a NaN entropy must not poison dlogp
     const float geh = ge != 0.f ? ge * entropy[i] : 0.f;
-    const float A = -inv_t * (gl + geh), B = -inv_t * ge, l = lse[i];
+    const float A = -inv_t * (gl + geh), B = -inv_t * ge;
+    const float l = bad ? std::numeric_limits<float>::quiet_NaN() : lse[i];
     const fVec vA(A), vB(B), vnl(-l);
     fVec a, b;
     for (; j + W <= V; j += W) {
@@ -189,7 +191,7 @@ void token_logprobs_bwd_rows(const T* logits, int64_t row_stride, const int64_t*
       g[j] = T(std::exp(u) * std::fma(B, u, A));
     }
     // the label's entry, recomputed in float and rounded once
-    if (label < V) {
+    if (label >= 0 && label < V) {
       const float u = std::max(std::fma(static_cast<float>(x[label]), inv_t, -l), kMinExponent);
       g[label] = T(std::fma(std::exp(u), std::fma(B, u, A), inv_t * gl));
     }

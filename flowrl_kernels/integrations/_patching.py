@@ -13,6 +13,11 @@ replacement relies on, and a builder that turns the original into the replacemen
    imported after ``patch()`` read the patched attribute anyway.
 
 ``unpatch()`` restores exactly the bindings it changed (and only those still holding our object).
+
+Shared by the replacements: ``why_not_ours`` (the inputs our ops cannot take with the peer's exact
+semantics, so the peer's original runs) and ``note_path`` (one debug line per process per function and
+path, so a user can see which path ran: ``logging.getLogger("flowrl_kernels.integrations").setLevel
+(logging.DEBUG)``).
 """
 from __future__ import annotations
 
@@ -20,13 +25,64 @@ import contextlib
 import importlib
 import importlib.metadata
 import inspect
+import logging
 import re
 import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
-__all__ = ["PatchError", "Target", "Integration"]
+import torch
+
+__all__ = ["PatchError", "Target", "Integration", "why_not_ours", "note_path", "entropy", "HALF", "NO_IGNORE"]
+
+HALF = (torch.float16, torch.bfloat16)
+# ``ignore_index`` for peers' paths that ignore nothing: -100 must stay an error there (a gather out of range),
+# as in the peer; -2**31 fits int32 and int64 indices and is no index anybody passes.
+NO_IGNORE = -(2**31)
+_OUR_DEVICES = ("cpu", "cuda")
+_OUR_DTYPES = HALF + (torch.float32, torch.float64)
+_NOTED = set()
+
+
+def why_not_ours(logits: torch.Tensor, labels: Optional[torch.Tensor] = None, *, name: str = "logits"
+                 ) -> Optional[str]:
+    """Why ``token_logprobs(logits, labels)`` (or ``linear_token_logprobs`` on ``name``) cannot stand in for
+    the peer here (None: it can). The peer's helpers take any device, dtype and layout its torch ops take;
+    ours raise a ValueError on these."""
+    if logits.device.type not in _OUR_DEVICES:
+        return f"{logits.device.type} tensors"
+    if logits.dtype not in _OUR_DTYPES:
+        return f"{logits.dtype} {name}"
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        return f"{name} without a (non-empty) last dim"
+    if logits.shape[-1] > 1 and logits.stride(-1) != 1:
+        return f"{name} whose last dim is not stride 1"
+    if labels is not None and (labels.shape != logits.shape[:-1] or labels.dtype not in (torch.int32, torch.int64)
+                               or labels.device != logits.device):
+        return "an index not of shape logits.shape[:-1] (int32 / int64, same device)"
+    return None
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H(softmax(logits)) per row from ``token_logprobs`` (fp32, or fp64 for fp64 logits); the label is a
+    dummy 0 (an int64 per row is all this adds)."""
+    from flowrl_kernels import token_logprobs
+
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    return token_logprobs(logits, labels, return_entropy=True)[1]
+
+
+def note_path(logger: logging.Logger, function: str, path: str) -> None:
+    """``logger.debug("<function>: <path>")`` once per process per (function, path); silent while
+    torch.compile traces (a log call there would break the graph; the traced path is the eager one)."""
+    if torch.compiler.is_compiling():
+        return
+    key = (logger.name, function, path)
+    if key in _NOTED:
+        return
+    _NOTED.add(key)
+    logger.debug("%s: %s", function, path)
 
 
 class PatchError(RuntimeError):

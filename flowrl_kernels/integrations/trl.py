@@ -3,75 +3,168 @@
     import flowrl_kernels.integrations.trl as fk_trl
     fk_trl.patch()            # before building the trainer; or: with fk_trl.patched(): ...
 
-What is replaced (read from trl 1.16 ``trl/trainer/utils.py`` and ``trl/kernels/chunked_logprob.py``):
+The contract each replacement keeps, read from trl 1.16.0 (``trl/trainer/utils.py``,
+``trl/kernels/logprob_entropy.py``, ``trl/kernels/chunked_logprob.py``). TRL picks a path per call:
+its fused Triton kernel when ``is_triton_available() and _supports_trl_loss_kernel(...)`` (CUDA / XPU
+tensors, fp16 / bf16 / fp32, 1-3 dims, stride-1 vocab dim, ``index.shape == logits.shape[:-1]``), else
+torch ops. The replacement asks TRL's own predicate, so it takes the same path decision per call.
 
-- ``selective_log_softmax(logits, index, temperature=1.0, row_mask=None)``: ``log_softmax(logits / T)``
-  gathered at ``index``; rows with ``row_mask == 0`` give 0. -> ``flowrl_kernels.token_logprobs``
-  (``row_mask == 0`` becomes ``ignore_index``). A top-K ``index`` of shape ``(..., K)`` falls back to
-  TRL's own code.
-- ``entropy_from_logits(logits, chunk_size=128)``: entropy of ``softmax(logits)`` (no temperature;
-  callers pass already-scaled logits). -> ``token_logprobs(..., return_entropy=True)``.
-- ``selective_log_softmax_and_entropy(logits, index, entropy_requires_grad=True, temperature=1.0,
-  row_mask=None)``: both from one pass over the logits (one kernel call instead of two).
-- ``_ChunkedLogProbFunction`` (``trl.kernels.ChunkedLogProbFunction``, used by ``add_fused_lm_head``,
-  which is how trl 1.16's GRPO/RLOO trainers compute ``per_token_logps`` from hidden states):
-  ``.apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
-  logit_scale, outputs)`` -> ``flowrl_kernels.linear_token_logprobs`` with the logit scale folded into
-  the temperature (``z * s / T = z / (T / s)``). Falls back to TRL's function for what our op does
-  not compute: logit soft-capping, outputs other than log-probs / entropy, ``logit_scale <= 0``, and
-  DeepSpeed ZeRO-3 partitioned weights (TRL re-gathers them in its own backward).
+| function | TRL's path | logits dtype -> output dtype | exactness (TRL's tests) | replacement |
+|---|---|---|---|---|
+| ``selective_log_softmax`` | Triton kernel (GPU) | fp16 / bf16 / fp32 -> fp32 | tolerance | ours, fp32 |
+| | torch (CPU, or no kernel) | fp32 -> fp32, fp64 -> fp64 | tolerance (1e-5) | ours, same dtype |
+| | torch | fp16 / bf16 -> same | bitwise ``log_softmax(-1).gather`` | TRL's own code |
+| | ``index (..., K)`` (top-K) | as the rows above | as the rows above | TRL's own code |
+| ``entropy_from_logits`` | Triton kernel (GPU) | fp16 / bf16 / fp32 -> fp32 | tolerance | ours, fp32 |
+| | torch | fp32 -> fp32, fp64 -> fp64 | tolerance (1e-5) | ours, same dtype |
+| | torch | fp16 / bf16 -> same | bitwise in effect (1e-5 at bf16) | TRL's own code |
+| ``selective_log_softmax_and_entropy`` | Triton kernel (GPU) | fp16 / bf16 / fp32 -> fp32 | tolerance | ours, fp32 |
+| | torch | fp32 / fp64 -> same | tolerance | ours, same dtype |
+| | torch | fp16 / bf16 -> same | bitwise (the rows above) | TRL's own code |
+| ``_ChunkedLogProbFunction`` | every device | any -> fp32 | tolerance | ``linear_token_logprobs``, fp32 |
 
-Results equal TRL's (tests/test_integrations.py checks values and gradients). Half-precision logits
-give float32 log-probs / entropy, as TRL's own Triton kernels do on GPU (its CPU fallback returns the
-logits' dtype).
+"ours": ``flowrl_kernels.token_logprobs`` (one call, also for both outputs of the combined helper).
+
+Semantics on every path (and ours):
+
+- Shapes: ``logits (..., V)``, ``index (...)`` -> ``(...)`` (any number of leading dims, any strides on
+  them; TRL's kernel takes 1-3 dims, its torch path any). ``entropy_from_logits``: ``(..., V)`` ->
+  ``(...)``; ``chunk_size`` only bounds TRL's memory (values do not depend on it; ours ignores it).
+- Temperature: ``log_softmax(logits / T)``; ``T <= 0`` raises ``ValueError("temperature must be
+  positive")``. TRL's torch path divides in the logits' dtype first; its kernel (and ours) divides in fp32.
+  ``entropy_from_logits`` takes no temperature (callers pass scaled logits).
+- ``row_mask``: rows with ``row_mask == 0`` give 0 (log-prob and entropy) and zero gradient. Their index
+  is never read by TRL's kernel (nor by ours); TRL's torch path still gathers it, so it must be in range
+  there. An index outside ``[0, V)`` in an unmasked row is an error on the CPU (TRL: the gather; ours:
+  ValueError); on the GPU neither checks.
+- ``entropy_requires_grad=False``: the entropy is detached.
+- Gradients: in the logits' dtype (autograd's rule), per-row upstream gradients for both outputs.
+- ``_ChunkedLogProbFunction.apply(hidden [N, H], weight [V, H], bias, targets [N], temperature,
+  chunk_size, final_logit_softcapping, logit_scale, outputs)`` (``add_fused_lm_head``, the GRPO / RLOO
+  trainers' log-prob path): TRL projects in the autocast dtype if autocast is on, else ``hidden``'s dtype,
+  rounding each logit to it, folds in fp32; gradients accumulate in fp32 and come back in each input's
+  dtype. Ours takes the same inputs, folds the logit scale into the temperature
+  (``z * s / T = z / (T / s)``) and does not round the logits (within tolerance).
+
+Why the half-precision torch paths run TRL's own code: they are bitwise contracts (TRL's tests assert
+``torch.equal`` with ``log_softmax(-1).gather`` for fp16 / bf16), and no fp32 result rounded once
+reproduces them. torch's CPU log_softmax for fp16 / bf16 rounds the row's sum of exponentials and its
+log to the half dtype before ``x - max - log(sum)``; our fp32 log-probs rounded once to the logits'
+dtype differ from it at 4.7% (scale-4 logits) to 15.6% (scale-1) of gathered positions, and even
+replaying that rounding sequence in fp32 leaves 0-115 of 19.6M log_softmax entries per dtype and scale
+different (our fp32 sum differs from torch's by an ulp, which can flip the half rounding; 40 seeds x 6
+shapes, V 151-32768, torch 2.13 CPU). So the replacement hands those calls to TRL's
+original (same values, same memory: TRL's row loop materializes one ``[T, V]`` half tensor at a time).
+
+Also handed to TRL's original: a top-K ``index (..., K)``; devices other than CPU / CUDA; dtypes other
+than fp16 / bf16 / fp32 / fp64; a vocab dim that is not stride 1 (TRL takes any layout, ours refuses
+it); and, for the fused lm_head, logit soft-capping, outputs other than log-probs / entropy,
+``logit_scale <= 0``, ``temperature <= 0``, ``hidden`` / ``weight`` whose last dim is not stride 1, and
+DeepSpeed ZeRO-3 partitioned weights (TRL re-gathers them in its own backward). Each path (ours, or a
+fallback with its reason) is logged once per process at DEBUG on ``flowrl_kernels.integrations.trl``.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 
 import flowrl_kernels as _fk
 
-from ._patching import Integration, PatchError, Target
+from ._patching import HALF, NO_IGNORE, Integration, PatchError, Target, entropy, note_path, why_not_ours
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "PatchError", "INTEGRATION"]
 
-_IGNORE = -100  # never a real token id; TRL's own label padding value
+_LOG = logging.getLogger(__name__)
+
+
+def _peer_predicates(original):
+    """TRL's own kernel-path test, read from the module that defines ``original`` at call time."""
+    g = original.__globals__
+    missing = [n for n in ("is_triton_available", "_supports_trl_loss_kernel") if n not in g]
+    if missing:
+        raise PatchError(f"flowrl_kernels: trl.trainer.utils no longer defines {missing}, which decide whether TRL "
+                         "returns float32 (its kernel) or the logits' dtype; nothing was patched.")
+
+    def trl_kernel_path(logits, index=None, row_mask=None) -> bool:
+        return bool(g["is_triton_available"]() and g["_supports_trl_loss_kernel"](logits, index, row_mask))
+
+    return trl_kernel_path
+
+
+def _why_original(logits, index, row_mask, kernel_path):
+    """The reason TRL's own code must run for this call (None: ours honours the contract)."""
+    if index is not None and index.dim() != logits.dim() - 1:
+        return "top-K index (..., K)"
+    if not kernel_path and logits.dtype in HALF:
+        return f"{logits.dtype} logits on TRL's torch path (bitwise half-precision contract)"
+    why = why_not_ours(logits, index)
+    if why is None and row_mask is not None and (row_mask.shape != index.shape or row_mask.device != index.device):
+        why = "row_mask not of index's shape and device"
+    return why
 
 
 def _labels(index: torch.Tensor, row_mask) -> torch.Tensor:
-    return index if row_mask is None else index.masked_fill(row_mask == 0, _IGNORE)
+    return index if row_mask is None else index.masked_fill(row_mask == 0, NO_IGNORE)
+
+
+def _ours(name, kernel_path, logits):
+    note_path(_LOG, name, "flowrl_kernels.token_logprobs, float32 out (TRL's kernel path)" if kernel_path
+              else f"flowrl_kernels.token_logprobs, {logits.dtype} out (TRL's torch path)")
 
 
 def _build_selective_log_softmax(original):
+    trl_kernel_path = _peer_predicates(original)
+    name = "trl.selective_log_softmax"
+
     def selective_log_softmax(logits, index, temperature=1.0, row_mask=None):
         if temperature <= 0:
             raise ValueError("temperature must be positive")
-        if index.dim() != logits.dim() - 1:  # top-K gather: not a per-token op
+        kernel_path = trl_kernel_path(logits, index, row_mask)
+        why = _why_original(logits, index, row_mask, kernel_path)
+        if why is not None:
+            note_path(_LOG, name, f"TRL's own code ({why})")
             return original(logits, index, temperature=temperature, row_mask=row_mask)
+        _ours(name, kernel_path, logits)
         return _fk.token_logprobs(logits, _labels(index, row_mask), temperature=float(temperature),
-                                  ignore_index=_IGNORE)
+                                  ignore_index=NO_IGNORE)
 
     return selective_log_softmax
 
 
 def _build_entropy_from_logits(original):
+    trl_kernel_path = _peer_predicates(original)
+    name = "trl.entropy_from_logits"
+
     def entropy_from_logits(logits, chunk_size=128):
-        labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-        return _fk.token_logprobs(logits, labels, return_entropy=True)[1]
+        kernel_path = trl_kernel_path(logits)
+        why = _why_original(logits, None, None, kernel_path)
+        if why is not None:
+            note_path(_LOG, name, f"TRL's own code ({why})")
+            return original(logits, chunk_size=chunk_size)
+        _ours(name, kernel_path, logits)
+        return entropy(logits)
 
     return entropy_from_logits
 
 
 def _build_selective_log_softmax_and_entropy(original):
+    trl_kernel_path = _peer_predicates(original)
+    name = "trl.selective_log_softmax_and_entropy"
+
     def selective_log_softmax_and_entropy(logits, index, entropy_requires_grad=True, temperature=1.0,
                                           row_mask=None):
         if temperature <= 0:
             raise ValueError("temperature must be positive")
-        if index.dim() != logits.dim() - 1:
+        kernel_path = trl_kernel_path(logits, index, row_mask)
+        why = _why_original(logits, index, row_mask, kernel_path)
+        if why is not None:
+            note_path(_LOG, name, f"TRL's own code ({why})")
             return original(logits, index, entropy_requires_grad=entropy_requires_grad,
                             temperature=temperature, row_mask=row_mask)
+        _ours(name, kernel_path, logits)
         logp, ent = _fk.token_logprobs(logits, _labels(index, row_mask), temperature=float(temperature),
-                                       return_entropy=True, ignore_index=_IGNORE)
+                                       return_entropy=True, ignore_index=NO_IGNORE)
         return logp, (ent if entropy_requires_grad else ent.detach())
 
     return selective_log_softmax_and_entropy
@@ -80,13 +173,31 @@ def _build_selective_log_softmax_and_entropy(original):
 _OUR_OUTPUTS = {"log_probs", "entropy"}
 
 
+def _chunked_why_original(hidden, weight, temperature, final_logit_softcapping, logit_scale, outputs):
+    if final_logit_softcapping is not None:
+        return "logit soft-capping"
+    if not set(outputs) <= _OUR_OUTPUTS:
+        return f"outputs {sorted(set(outputs) - _OUR_OUTPUTS)}"
+    if not logit_scale > 0:
+        return "logit_scale <= 0"
+    if not temperature > 0:
+        return "temperature <= 0"
+    if hasattr(weight, "ds_id"):
+        return "a DeepSpeed ZeRO-3 partitioned weight"
+    return why_not_ours(hidden, name="hidden") or why_not_ours(weight, name="weight")
+
+
 def _build_chunked_logprob(original):
+    name = "trl.ChunkedLogProbFunction"
+
     def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
               logit_scale=1.0, outputs=("log_probs",)):
-        if (final_logit_softcapping is not None or not set(outputs) <= _OUR_OUTPUTS or not logit_scale > 0
-                or hasattr(weight, "ds_id")):  # ds_id: a DeepSpeed ZeRO-3 partitioned parameter
+        why = _chunked_why_original(hidden, weight, temperature, final_logit_softcapping, logit_scale, outputs)
+        if why is not None:
+            note_path(_LOG, name, f"TRL's own code ({why})")
             return original.apply(hidden, weight, bias, targets, temperature, chunk_size,
                                   final_logit_softcapping, logit_scale, outputs)
+        note_path(_LOG, name, "flowrl_kernels.linear_token_logprobs, float32 out")
         device = hidden.device.type
         if torch.is_autocast_enabled(device):
             # TRL projects in the autocast dtype; we take the same inputs (our op accumulates in fp32)
@@ -101,7 +212,8 @@ def _build_chunked_logprob(original):
                                             temperature=float(temperature) / float(logit_scale),
                                             return_entropy="entropy" in outputs)
         logp, ent = out if isinstance(out, tuple) else (out, None)
-        return logp, ent, None, None, None
+        # TRL's outputs are float32 whatever the inputs (fp64 inputs included: its running sums are fp32)
+        return logp.float(), (None if ent is None else ent.float()), None, None, None
 
     # a class with the same call surface (``X.apply(...)``) as the torch.autograd.Function it replaces
     return type("ChunkedLogProbFunction", (), {

@@ -5,9 +5,10 @@ Spec: ``flowrl_kernels.reference.flowrl_loss`` (FLOWRL.md). The forward reads ea
 and writes grad_logp once. The reference composes the same loss from ~40 ATen ops, several of which
 materialize [B, T] temporaries (see bench/bench_flowrl_loss.py).
 
-Both fast paths share the autograd code below: ``impl="triton"`` launches the Triton kernels,
-``impl="native"`` calls ``torch.ops.flowrl_kernels_native.flowrl_loss_fwd/bwd`` (CONTRACTS.md); the two
-have the same inputs and outputs.
+Both fast paths share the torch.library ops ``flowrl_kernels::flowrl_loss_fwd/bwd`` below (fake kernels
+and autograd registered; opaque to torch.compile): ``impl="triton"`` launches the Triton kernels,
+``impl="native"`` calls ``torch.ops.flowrl_kernels_native.flowrl_loss_fwd/bwd`` (CONTRACTS.md, CPU only);
+the two have the same inputs and outputs.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import torch
 
 from .._triton_compat import tl, triton
 from .. import reference
-from .._utils import check_same_device, check_same_shape, check_tensor, empty, resolve_impl, triton_interpret
+from .._utils import (check_same_device, check_same_shape, check_tensor, device_guard, empty, resolve_impl,
+                      triton_interpret)
 
 # ----------------------------------------------------------------------------------------------------
 # constants
@@ -163,15 +165,16 @@ def _flowrl_loss_fwd_triton(logp, old_logp, ref_logp, log_z, rewards, mask, beta
     if B == 0:
         return outs
     per_seq, delta, weight, clipped, lp_bar, ref_bar, length = outs
-    _flowrl_loss_fwd_kernel[(B,)](
-        logp, old_logp, ref_logp, mask, log_z, rewards,
-        per_seq, delta, weight, clipped, lp_bar, ref_bar, length,
-        T,
-        logp.stride(0), old_logp.stride(0), ref_logp.stride(0), mask.stride(0), log_z.stride(0),
-        rewards.stride(0),
-        float(beta), float(log_lo), float(log_hi),
-        IMPORTANCE=importance, HAS_REF=has_ref, BLOCK_T=block_t or _block_t(T), num_warps=4,
-    )
+    with device_guard(logp):
+        _flowrl_loss_fwd_kernel[(B,)](
+            logp, old_logp, ref_logp, mask, log_z, rewards,
+            per_seq, delta, weight, clipped, lp_bar, ref_bar, length,
+            T,
+            logp.stride(0), old_logp.stride(0), ref_logp.stride(0), mask.stride(0), log_z.stride(0),
+            rewards.stride(0),
+            float(beta), float(log_lo), float(log_hi),
+            IMPORTANCE=importance, HAS_REF=has_ref, BLOCK_T=block_t or _block_t(T), num_warps=4,
+        )
     return outs
 
 
@@ -182,26 +185,25 @@ def _flowrl_loss_bwd_triton(grad_per_seq, delta, weight, length, mask, logp_dtyp
     grad_log_z = empty((B,), dtype=torch.float32, device=mask.device)
     if B == 0:
         return grad_logp, grad_log_z
-    _flowrl_loss_bwd_kernel[(B,)](
-        grad_per_seq, delta, weight, length, mask, grad_logp, grad_log_z,
-        T,
-        grad_per_seq.stride(0), mask.stride(0), grad_logp.stride(0),
-        BLOCK_T=block_t or _block_t(T), num_warps=4,
-    )
+    with device_guard(mask):
+        _flowrl_loss_bwd_kernel[(B,)](
+            grad_per_seq, delta, weight, length, mask, grad_logp, grad_log_z,
+            T,
+            grad_per_seq.stride(0), mask.stride(0), grad_logp.stride(0),
+            BLOCK_T=block_t or _block_t(T), num_warps=4,
+        )
     return grad_logp, grad_log_z
 
 
 def _flowrl_loss_fwd_native(logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo, log_hi):
     return torch.ops.flowrl_kernels_native.flowrl_loss_fwd(
         logp, old_logp, ref_logp, log_z.float().contiguous(), rewards.float().contiguous(),
-        mask if mask.dtype in (torch.bool, torch.float32) else mask.float(),
-        float(beta), int(importance), float(log_lo), float(log_hi))
+        mask, float(beta), int(importance), float(log_lo), float(log_hi))
 
 
 def _flowrl_loss_bwd_native(grad_per_seq, delta, weight, length, mask, logp_dtype):
     return torch.ops.flowrl_kernels_native.flowrl_loss_bwd(
-        grad_per_seq.float().contiguous(), delta, weight, length,
-        mask if mask.dtype in (torch.bool, torch.float32) else mask.float(), logp_dtype)
+        grad_per_seq.float().contiguous(), delta, weight, length, mask, logp_dtype)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -210,38 +212,74 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel_mask(mask: torch.Tensor, impl: str) -> torch.Tensor:
-    """bool -> a zero-copy uint8 view for Triton (bool for native); float32 stays; other dtypes -> float32
-    (an int mask of 2 weighs its token twice, exactly as in the reference)."""
-    if mask.dtype == torch.bool:
-        return _rows(mask.view(torch.uint8) if impl == "triton" else mask)
-    if mask.dtype == torch.float32:
+    """The mask as the kernels read it. Triton loads any dtype and converts in registers (bool is a byte
+    per token, read through a bool pointer: no dtype view, no copy); native takes bool or float32, other
+    dtypes are converted to float32 (an int mask of 2 weighs its token twice, exactly as in the
+    reference). Runs inside the custom ops below, so under torch.compile Inductor never sees it (a
+    bool -> uint8 ``view(dtype)`` in a traced graph fails to lower on CUDA: torch.iinfo(torch.bool))."""
+    if impl == "triton" or mask.dtype in (torch.bool, torch.float32):
         return _rows(mask)
     return mask.to(torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------
-# autograd (shared by the triton and native impls)
+# torch.library registration (shared by the triton and native impls): opaque to torch.compile, with
+# fake kernels and autograd. per_seq = w * delta^2 ([B] float32) plus the detached per-sequence stats.
 # ----------------------------------------------------------------------------------------------------
-class FlowRLLossFunction(torch.autograd.Function):
-    """per_seq = w * delta^2 ([B] float32) plus the detached per-sequence stats; grads to logp, log_z."""
+_Stats7 = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
-    @staticmethod
-    def forward(ctx, logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo, log_hi, impl):
-        fwd = _flowrl_loss_fwd_triton if impl == "triton" else _flowrl_loss_fwd_native
-        per_seq, delta, weight, clipped, lp_bar, ref_bar, length = fwd(
-            logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo, log_hi)
-        ctx.save_for_backward(delta, weight, length, mask)
-        ctx.impl, ctx.logp_dtype, ctx.log_z_dtype = impl, logp.dtype, log_z.dtype
-        ctx.mark_non_differentiable(delta, weight, clipped, lp_bar, ref_bar, length)
-        return per_seq, delta, weight, clipped, lp_bar, ref_bar, length
 
-    @staticmethod
-    def backward(ctx, grad_per_seq, *_unused):
-        delta, weight, length, mask = ctx.saved_tensors
-        bwd = _flowrl_loss_bwd_triton if ctx.impl == "triton" else _flowrl_loss_bwd_native
-        grad_logp, grad_log_z = bwd(grad_per_seq, delta, weight, length, mask, ctx.logp_dtype)
-        return (grad_logp, None, None, grad_log_z.to(ctx.log_z_dtype), None, None,
-                None, None, None, None, None)
+@torch.library.custom_op("flowrl_kernels::flowrl_loss_fwd", mutates_args=())
+def _fwd_op(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, log_z: torch.Tensor,
+            rewards: torch.Tensor, mask: torch.Tensor, beta: float, importance: int, log_lo: float,
+            log_hi: float, impl: str, has_ref: bool) -> _Stats7:
+    """-> (per_seq, delta, weight, clipped, lp_bar, ref_bar, length), 7 float32 [B]."""
+    logp, old_logp, ref_logp, mask = _rows(logp), _rows(old_logp), _rows(ref_logp), _kernel_mask(mask, impl)
+    if impl == "triton":
+        return _flowrl_loss_fwd_triton(logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance,
+                                       log_lo, log_hi, has_ref=has_ref)
+    return _flowrl_loss_fwd_native(logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo,
+                                   log_hi)
+
+
+@_fwd_op.register_fake
+def _(logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo, log_hi, impl, has_ref):
+    return tuple(logp.new_empty((logp.shape[0],), dtype=torch.float32) for _ in range(7))
+
+
+@torch.library.custom_op("flowrl_kernels::flowrl_loss_bwd", mutates_args=())
+def _bwd_op(grad_per_seq: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, length: torch.Tensor,
+            mask: torch.Tensor, logp_dtype: torch.dtype, impl: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """-> (grad_logp [B, T] in logp_dtype, grad_log_z [B] float32)."""
+    mask = _kernel_mask(mask, impl)
+    if impl == "triton":
+        return _flowrl_loss_bwd_triton(grad_per_seq, delta, weight, length, mask, logp_dtype)
+    return _flowrl_loss_bwd_native(grad_per_seq, delta, weight, length, mask, logp_dtype)
+
+
+@_bwd_op.register_fake
+def _(grad_per_seq, delta, weight, length, mask, logp_dtype, impl):
+    return (mask.new_empty(mask.shape, dtype=logp_dtype), mask.new_empty((mask.shape[0],), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    logp, _, _, log_z, _, mask, _, _, _, _, impl, _ = inputs
+    _, delta, weight, clipped, lp_bar, ref_bar, length = output
+    ctx.save_for_backward(delta, weight, length, mask)
+    ctx.impl, ctx.logp_dtype, ctx.log_z_dtype = impl, logp.dtype, log_z.dtype
+    ctx.mark_non_differentiable(delta, weight, clipped, lp_bar, ref_bar, length)
+
+
+def _backward(ctx, grad_per_seq, *_unused):
+    delta, weight, length, mask = ctx.saved_tensors
+    if grad_per_seq is None:
+        grad_per_seq = torch.zeros_like(delta)
+    grad_logp, grad_log_z = _bwd_op(grad_per_seq, delta, weight, length, mask, ctx.logp_dtype, ctx.impl)
+    return (grad_logp, None, None, grad_log_z.to(ctx.log_z_dtype), None, None,
+            None, None, None, None, None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -369,9 +407,9 @@ def flowrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
         return reference.flowrl_loss(logp, old_logp, ref_logp, log_z, rewards, mask, beta=float(beta),
                                      importance=importance, clip=clip, reduction=reduction)
 
-    per_seq, delta, weight, clipped, lp_bar, ref_bar, length = FlowRLLossFunction.apply(
-        _rows(logp), _rows(old_logp), _rows(ref_logp), log_z, rewards, _kernel_mask(mask, impl),
-        float(beta), IMPORTANCE_CODES[importance], log_lo, log_hi, impl)
+    per_seq, delta, weight, clipped, lp_bar, ref_bar, length = _fwd_op(
+        logp, old_logp, ref_logp, log_z, rewards, mask, float(beta), IMPORTANCE_CODES[importance], log_lo, log_hi,
+        impl, True)
     if reduction == "mean":
         loss = per_seq.sum() / max(B, 1)
     elif reduction == "sum":

@@ -13,8 +13,11 @@ The splits give parallelism when N is small (one row block, 151936 vocab: 5+ pro
 a tiny merge kernel combines the 4 * splits * N partial floats. u is kept relative to the max so the
 entropy log(s) - u/s never subtracts two large numbers (lse - E[x] cancels when |x| ~ 1e3).
 
-Backward: chunked over tokens. For each chunk of C rows a Triton kernel recomputes the logits tiles and
-writes dlogits [C, V] in the input dtype; then cuBLAS does dH[chunk] = dz @ W and dW += dz^T @ h.
+Backward: chunked. N <= V (an RL micro-batch below the vocab size): over vocab chunks; for each
+chunk [v0, v1) a Triton kernel recomputes the logits tiles of all N rows and writes dlogits
+dz [N, v1 - v0] in the input dtype; then cuBLAS does dW[v0:v1] = dz^T @ h (written once) and
+dH += dz @ W[v0:v1]. N > V: over row chunks of C rows, dz [C, V], dH[chunk] = dz @ W, dW += dz^T @ h.
+Each way one gradient accumulates across chunks, so the smaller one does (dH is N x H, dW is V x H).
 Why not fully fused: FLOPs and bytes at N=8192, H=4096, V=151936, bf16 (H100: ~790 TFLOP/s, 3 TB/s):
   - chunked (this): 6*N*H*V = 3.06e16 FLOP (recompute + 2 matmuls) ~ 38.7 ms at peak; dz traffic
     3 * N*V*2 B = 7.5 GB (write once, read by both matmuls) ~ 2.5 ms, i.e. ~6% on top, and both
@@ -32,38 +35,45 @@ NOT the naive reference (that one stays in reference.py, for tests and benchmark
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Optional, Tuple
 
 import torch
 
 from .._triton_compat import tl, triton
-from .._utils import (check_labels_in_range, check_same_device, check_temperature, check_tensor, empty,
-                     resolve_impl, triton_interpret)
+from . import configs
+from .token_logprobs import EXP2_FLOOR, K_LN2, K_LOG2E, M_INIT
+from .._utils import (check_labels_in_range, check_same_device, check_temperature, check_tensor, device_guard,
+                     empty, resolve_impl, triton_interpret)
 
-# Tiles on the GPU: 128 x 128 logits per program with 64-wide (bf16/fp16) or 32-wide (fp32) H steps.
-# The fp32 accumulator is 128*128*4 B = 64 KiB = 64 registers/thread at 8 warps; 3 pipeline stages of
-# (128 + 128) x 64 bf16 operands are 96 KiB of shared memory (fp32 with 32-wide steps: the same).
-# Arithmetic intensity per tile: 128*128/(128+128) = 64 FLOP per operand byte, served from L2.
-_BLOCK_N = 128
-_BLOCK_N_SMALL = 64  # wgmma's minimum M; used when N <= 64 (decode-sized batches)
-_BLOCK_V = 128
-_NUM_WARPS = 8
-_NUM_STAGES = 3
+# Tiles, warps, stages and L2 groups on the GPU: per arch in ops/configs.py (bench/sweep.py tunes them).
+_BLOCK_N_SMALL = 64  # wgmma's minimum M; the "linear_fwd_small_n" entry serves N <= 64 (decode batches)
+_BLOCK_N = 128  # the backward's dlogits chunks are rounded to multiples of this
 # Under TRITON_INTERPRET=1 cost is per op, not per element; tl.dot needs every block dim >= 16.
 # Small vocabs get 64-wide tiles (many tiles per split: the online merge is exercised); large ones
 # 1024-wide (V=131101, N=3: 48 s -> 3 s for forward + backward on a 2-core box).
 _INTERP_BLOCK_N, _INTERP_BLOCK_H = 16, 16
 _INTERP_BLOCK_V, _INTERP_BLOCK_V_LARGE, _INTERP_LARGE_V = 64, 1024, 8192
-# The forward aims for 2 programs per SM (an H100 has 132); the interpreter uses >1 split on tiny
-# inputs so the merge is always exercised by the tests.
+# The interpreter uses >1 split on tiny inputs so the merge is always exercised by the tests.
 _INTERP_TARGET_PROGRAMS = 4
+# Split counts considered per launch: up to this many programs per SM slot (more splits = a larger
+# [4, splits, N] workspace and merge, for nothing once the waves are balanced)
+_MAX_WAVES = 32
 _MERGE_BLOCK = 256
-# Backward dlogits workspace per chunk on the GPU: 512 MiB (Qwen V=151936 bf16: 1664 rows), large
-# enough that the per-chunk matmuls (K = 1664 for dW) run near cuBLAS peak.
+# Backward dlogits workspace on the GPU. N <= V (every RL micro-batch below the vocab size): vocab
+# chunks [N, Vc] within 64 MiB, at most _MAX_VOCAB_CHUNKS of them; dH sums the chunks' products in
+# fp32 (N x H x 4 B, see _mm_acc). Qwen2.5-7B, N=8192 bf16: 33 chunks of 4736 columns (74 MiB), so the
+# full step holds dW 1,039 + dH (fp32) 112 + dz 74 = ~1,225 MiB by arithmetic (not yet measured on a
+# GPU), where row chunks of 512 MiB peaked at 1,578 on the H200 (Liger: 1,245), and dW is written once
+# instead of read + written per row chunk. N > V: row chunks of 512 MiB (dW summed in fp32 when several).
 _TRITON_CHUNK_BYTES = 512 * 2**20
+_TRITON_VOCAB_CHUNK_BYTES = 64 * 2**20
+# more chunks = more, smaller matmuls (each still N x Vc x H: 8192 x 4736 x 3584 at the headline shape)
+_MAX_VOCAB_CHUNKS = 32
 # Torch path: each chunk's fp32 logits <= 64 MiB (V=49152: 341 rows). The forward holds 2 such
 # buffers (shifted logits, exp) and the backward 2 (log p, p): <= 128 MiB whatever N is.
 _TORCH_CHUNK_BYTES = 64 * 2**20
+_TORCH_CHUNK_BYTES_CUDA_MAX = 2**30  # CUDA: the budget follows free memory (_torch_chunk_rows)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -79,6 +89,10 @@ def _logits_tile(
     shared by the forward and the backward's recompute (inlined by the compiler)."""
     offs_h = tl.arange(0, BLOCK_H)
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    if HAS_BIAS:
+        # the bias seeds the accumulator: no extra [BLOCK_N, BLOCK_V] value is live after the K loop
+        # (adding it afterwards spilled the 256 x 128 sm_90 tile: 120 B of stack)
+        acc += tl.load(b_ptr + cols64, mask=col_ok, other=0.0)[None, :]
     for k in range(0, H, BLOCK_H):
         ks = k + offs_h
         k_ok = ks < H
@@ -89,8 +103,6 @@ def _logits_tile(
         if UPCAST_OPERANDS:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols64, mask=col_ok, other=0.0)[None, :]
     return acc
 
 
@@ -105,14 +117,22 @@ def _linear_logprobs_fwd_kernel(
     # scalars
     inv_temp,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+    GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
 ):
-    # 1-D grid (no 65535 limit on any axis): consecutive programs share a split and walk different row
-    # blocks, so they read the same weight tiles at about the same time (L2 hits).
+    # 1-D grid (no 65535 limit on any axis), grouped like a matmul's L2 swizzle: programs come in groups
+    # of GROUP_N row blocks x every split, row blocks fastest. The programs resident at one time then
+    # cover GROUP_N row blocks (their hidden rows stay in L2: 8 x 128 x 3584 x 2 B = 7 MiB for Qwen)
+    # and each weight tile is read from DRAM once per group and shared by its GROUP_N programs from L2.
+    # (Row blocks fastest over all of N, as before, kept the whole hidden in flight: 58 MiB at N=8192,
+    # H=3584, about the H100/H200 L2, so hidden rows were re-read from DRAM on every vocab tile.)
     pid = tl.program_id(0)
-    pid_n = pid % n_row_blocks
-    split = pid // n_row_blocks
     n_splits = tl.num_programs(0) // n_row_blocks
+    per_group = GROUP_N * n_splits
+    first_n = (pid // per_group) * GROUP_N
+    group_rows = tl.minimum(n_row_blocks - first_n, GROUP_N)
+    pid_in = pid % per_group
+    pid_n = first_n + pid_in % group_rows
+    split = pid_in // group_rows
 
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -121,11 +141,14 @@ def _linear_logprobs_fwd_kernel(
     # element, and the 128 x 128 tile already sits at ~250 of the 255 registers (fp16 spilled before)
     label = tl.load(labels_ptr + rows64, mask=row_ok, other=-1).to(tl.int32)
     offs_v = tl.arange(0, BLOCK_V)
+    # the online statistics run on the raw logits (hidden @ W.T + b): with c = log2(e) / T > 0,
+    # max(z) = max(x) / T and e^(z - max z) = 2^((x - max x) c): one FMA and one exp2 per element
+    c = inv_temp * K_LOG2E
 
-    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    m = tl.full([BLOCK_N], M_INIT, tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
-    u = tl.zeros([BLOCK_N], tl.float32)
-    xt = tl.zeros([BLOCK_N], tl.float32)
+    u = tl.zeros([BLOCK_N], tl.float32)   # sum 2^d d, d = (x - m) c: log2 units, relative to m
+    xt = tl.zeros([BLOCK_N], tl.float32)  # raw target logit
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, tl.cdiv(V, BLOCK_V))
     for t in range(tile_lo, tile_hi):
@@ -134,26 +157,29 @@ def _linear_logprobs_fwd_kernel(
         cols64 = cols.to(tl.int64)
         acc = _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_ok, cols64, col_ok, H, stride_hn, stride_wv,
                            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_OPERANDS)
-        x = tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
+        x = tl.where(col_ok[None, :], acc, float("-inf"))
         xt += tl.sum(tl.where(cols[None, :] == label[:, None], x, 0.0), axis=1)
         # every tile has >= 1 valid column, so m_new is finite after the first tile
         m_new = tl.maximum(m, tl.max(x, axis=1))
-        d = x - m_new[:, None]
-        e = tl.exp(d)  # 0 at padded columns
-        alpha = tl.exp(m - m_new)
-        # u is relative to the running max: re-base the old sum, (x - m) = (x - m_new) + (m_new - m)
-        u = alpha * (u + tl.where(s > 0, m - m_new, 0.0) * s) \
-            + tl.sum(tl.where(col_ok[None, :], d, 0.0) * e, axis=1)
+        dm = (m - m_new) * c  # <= 0; the first tile's M_INIT gives 2^(-huge) = 0 (s, u are 0 anyway)
+        # padded columns: d = -inf clamps to EXP2_FLOOR, 2^d = 0 exactly and d * 2^d = 0 (no NaN, no
+        # select); a NaN logit stays NaN (propagate_nan) and poisons its row, as it must
+        d = tl.maximum((x - m_new[:, None]) * c, EXP2_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+        e = tl.exp2(d)
+        alpha = tl.exp2(tl.maximum(dm, EXP2_FLOOR))
+        # rebase the old sums to the new max: sum 2^(d + dm) (d + dm) = alpha (u + dm s)
+        u = alpha * (u + dm * s) + tl.sum(d * e, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
 
-    # workspace [4, n_splits, N] fp32: (m, s, u, x_target)
+    # workspace [4, n_splits, N] fp32: (m, s, u, x_target) in the units of z = x / T and nats, so the
+    # merge is unchanged: m / T, s, u ln(2) (= sum (z - m_z) e^(z - m_z)), x_t / T
     base = split.to(tl.int64) * N + rows64
     plane = n_splits.to(tl.int64) * N
-    tl.store(ws_ptr + base, m, mask=row_ok)
+    tl.store(ws_ptr + base, m * inv_temp, mask=row_ok)
     tl.store(ws_ptr + plane + base, s, mask=row_ok)
-    tl.store(ws_ptr + 2 * plane + base, u, mask=row_ok)
-    tl.store(ws_ptr + 3 * plane + base, xt, mask=row_ok)
+    tl.store(ws_ptr + 2 * plane + base, u * K_LN2, mask=row_ok)
+    tl.store(ws_ptr + 3 * plane + base, xt * inv_temp, mask=row_ok)
 
 
 @triton.jit
@@ -161,7 +187,7 @@ def _linear_logprobs_merge_kernel(
     # data ptrs
     ws_ptr, labels_ptr, logp_ptr, ent_ptr, lse_ptr,
     # shapes
-    N, n_splits,
+    N, V, n_splits,
     # scalars
     ignore_index,
     BLOCK: tl.constexpr,
@@ -169,7 +195,9 @@ def _linear_logprobs_merge_kernel(
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = rows < N
     rows64 = rows.to(tl.int64)
-    plane = n_splits.to(tl.int64) * N
+    # tl.cast, not n_splits.to(): the JIT hands an int argument equal to 1 over as a Python int
+    # (a constexpr), which has no .to(); n_splits is 1 for small V and for N >= 2 * SMs * BLOCK_N rows
+    plane = tl.cast(n_splits, tl.int64) * N
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
     u = tl.zeros([BLOCK], tl.float32)
@@ -188,9 +216,12 @@ def _linear_logprobs_merge_kernel(
         m = m_new
         base += N
     log_s = tl.log(s)
-    lse = m + log_s
     label = tl.load(labels_ptr + rows64, mask=ok, other=0).to(tl.int64)
     valid = label != ignore_index
+    # a label outside [0, V) (unchecked on GPU) matched no column: poison its row (NaN logp, entropy,
+    # and lse, which makes the backward's dlogits row NaN) instead of a finite logp = -lse
+    log_s = tl.where(valid & ((label < 0) | (label >= V)), float("nan"), log_s)
+    lse = m + log_s
     tl.store(logp_ptr + rows64, tl.where(valid, xt - lse, 0.0), mask=ok)
     tl.store(ent_ptr + rows64, tl.where(valid, log_s - u / s, 0.0), mask=ok)
     tl.store(lse_ptr + rows64, lse, mask=ok)
@@ -247,22 +278,39 @@ def _linear_logprobs_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------
-def _tiles(n_rows: int, vocab: int, dtype: torch.dtype):
-    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) for this device / dtype."""
-    if triton_interpret():
+def _tiles(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, kernel: str = "linear_fwd"):
+    """Launch config (dict: BLOCK_N, BLOCK_V, BLOCK_H, GROUP_N, num_warps, num_stages, ctas_per_sm)
+    for this device / dtype: the per-arch table on a GPU, small tiles under the interpreter."""
+    if kernel == "linear_fwd" and n_rows <= _BLOCK_N_SMALL and not configs.overridden(kernel):
+        kernel = "linear_fwd_small_n"
+    if triton_interpret() and not configs.overridden(kernel):
         block_v = _INTERP_BLOCK_V if vocab <= _INTERP_LARGE_V else _INTERP_BLOCK_V_LARGE
-        return _INTERP_BLOCK_N, block_v, _INTERP_BLOCK_H, 1, 1
-    if dtype == torch.float32:
-        # exact fp32 tl.dot runs on FMA units with a larger register footprint: 128 x 128 spilled
-        # (255 regs + 48 B stack in the sm_90 compile check); 64 x 128 x 32 does not
-        return _BLOCK_N_SMALL, _BLOCK_V, 32, _NUM_WARPS, _NUM_STAGES
-    block_n = _BLOCK_N_SMALL if n_rows <= _BLOCK_N_SMALL else _BLOCK_N
-    return block_n, _BLOCK_V, 64, _NUM_WARPS, _NUM_STAGES
+        return dict(BLOCK_N=_INTERP_BLOCK_N, BLOCK_V=block_v, BLOCK_H=_INTERP_BLOCK_H, GROUP_N=2, num_warps=1,
+                    num_stages=1, ctas_per_sm=1)
+    cfg = configs.config(kernel, device, dtype)
+    if not configs.overridden(kernel):
+        # few rows: a smaller row tile (down to wgmma's 64) instead of masked rows doing tensor-core work
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(_BLOCK_N_SMALL, triton.next_power_of_2(n_rows)))
+    return cfg
+
+
+def _cuda_matmul_tf32() -> bool:
+    """torch's fp32 CUDA matmul setting. The new API (torch >= 2.9: ``fp32_precision`` "tf32" | "ieee" |
+    "none" = inherit ``torch.backends.fp32_precision``) when present: the legacy ``allow_tf32`` read
+    raises RuntimeError once a process has set the new one. The legacy flag on older torch."""
+    m = torch.backends.cuda.matmul
+    prec = getattr(m, "fp32_precision", None)
+    if prec is None:
+        return bool(m.allow_tf32)
+    if prec == "none":
+        prec = getattr(torch.backends, "fp32_precision", "none")
+    return prec == "tf32"
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's own matmul setting (exact fp32 by default, like the reference)
-    if dtype == torch.float32 and not triton_interpret() and torch.backends.cuda.matmul.allow_tf32:
+    # fp32 inputs follow torch's own matmul setting (exact fp32 by default, like the reference and
+    # torch's own fp32 lm_head; torch.set_float32_matmul_precision("high") switches both to TF32)
+    if dtype == torch.float32 and not triton_interpret() and _cuda_matmul_tf32():
         return "tf32"
     return "ieee"
 
@@ -274,14 +322,36 @@ def _upcast(dtype: torch.dtype) -> bool:
     return triton_interpret() and dtype == torch.bfloat16
 
 
-def _n_splits(n_row_blocks: int, n_tiles: int, device: torch.device):
+@functools.lru_cache(maxsize=4096)
+def _balanced_splits(n_row_blocks: int, n_tiles: int, slots: int):
+    """(splits, tiles_per_split) minimizing the forward's makespan in tiles per SM slot:
+    ceil(row blocks * splits / slots) waves of ceil(tiles / splits) tiles each. At N=8192 (64 row
+    blocks of 128) and V=152064 (1188 tiles of 128) on 132 SMs: 33 splits of 36 tiles, 16 full waves,
+    the lower bound 64 * 1188 / 132 = 576 (the old "2 programs per SM" rule: 5 splits of 238 tiles,
+    320 programs = 3 waves of which the last 42% full, 714 tiles per slot: 24% longer). Ties go to
+    fewer splits (smaller workspace and merge)."""
+    best = None
+    for splits in range(1, min(n_tiles, max(1, _MAX_WAVES * slots // n_row_blocks)) + 1):
+        per = -(-n_tiles // splits)
+        splits_used = -(-n_tiles // per)  # no empty split
+        cost = -(-(n_row_blocks * splits_used) // slots) * per
+        if best is None or cost < best[0]:
+            best = (cost, splits_used, per)
+    return best[1], best[2]
+
+
+def _n_splits(n_row_blocks: int, n_tiles: int, device: torch.device, ctas_per_sm: int = 1):
     if triton_interpret() or device.type != "cuda":
-        target = _INTERP_TARGET_PROGRAMS
-    else:
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    splits = max(1, min(n_tiles, triton.cdiv(target, n_row_blocks)))
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split  # no empty split
+        splits = max(1, min(n_tiles, triton.cdiv(_INTERP_TARGET_PROGRAMS, n_row_blocks)))
+        tiles_per_split = triton.cdiv(n_tiles, splits)
+        return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split  # no empty split
+    slots = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * ctas_per_sm
+    return _balanced_splits(n_row_blocks, n_tiles, slots)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _triton_forward(h2, weight, bias, labels, inv_temp, ignore_index):
@@ -294,23 +364,24 @@ def _triton_forward(h2, weight, bias, labels, inv_temp, ignore_index):
     lse = empty((N,), dtype=torch.float32, device=dev)
     if N == 0:
         return logp, ent, lse
-    block_n, block_v, block_h, warps, stages = _tiles(N, V, h2.dtype)
-    n_row_blocks = triton.cdiv(N, block_n)
-    n_splits, tiles_per_split = _n_splits(n_row_blocks, triton.cdiv(V, block_v), dev)
+    cfg = _tiles(N, V, h2.dtype, dev)
+    n_row_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+    n_splits, tiles_per_split = _n_splits(n_row_blocks, triton.cdiv(V, cfg["BLOCK_V"]), dev, cfg["ctas_per_sm"])
     ws = empty((4, n_splits, N), dtype=torch.float32, device=dev)
     b = bias if bias is not None else h2  # dummy pointer, never read when HAS_BIAS=False
-    _linear_logprobs_fwd_kernel[(n_row_blocks * n_splits,)](
-        h2, weight, b, labels, ws,
-        N, V, H, n_row_blocks, tiles_per_split,
-        h2.stride(0), weight.stride(0),
-        inv_temp,
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
-        DOT_PRECISION=_dot_precision(h2.dtype), UPCAST_OPERANDS=_upcast(h2.dtype),
-        num_warps=warps, num_stages=stages,
-    )
-    _linear_logprobs_merge_kernel[(triton.cdiv(N, _MERGE_BLOCK),)](
-        ws, labels, logp, ent, lse, N, n_splits, ignore_index, BLOCK=_MERGE_BLOCK,
-    )
+    with device_guard(h2):
+        _linear_logprobs_fwd_kernel[(n_row_blocks * n_splits,)](
+            h2, weight, b, labels, ws,
+            N, V, H, n_row_blocks, tiles_per_split,
+            h2.stride(0), weight.stride(0),
+            inv_temp,
+            HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
+            GROUP_N=cfg["GROUP_N"], DOT_PRECISION=_dot_precision(h2.dtype), UPCAST_OPERANDS=_upcast(h2.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        _linear_logprobs_merge_kernel[(triton.cdiv(N, _MERGE_BLOCK),)](
+            ws, labels, logp, ent, lse, N, V, n_splits, ignore_index, BLOCK=_MERGE_BLOCK,
+        )
     return logp, ent, lse
 
 
@@ -318,34 +389,93 @@ def _triton_dlogits(h, weight, bias, labels, lse, ent, g_logp, g_ent, inv_temp, 
     """dz[:n] <- dlogits of rows h[:n] (dz: [>= n, V] in the input dtype)."""
     n, H = h.shape
     V = weight.shape[0]
-    block_n, block_v, block_h, warps, stages = _tiles(n, V, h.dtype)
+    cfg = _tiles(n, V, h.dtype, h.device, "linear_bwd")
+    block_n, block_v, block_h, warps, stages = (cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps",
+                                                                 "num_stages"))
     n_row_blocks = triton.cdiv(n, block_n)
     b = bias if bias is not None else h
-    _linear_logprobs_bwd_kernel[(n_row_blocks * triton.cdiv(V, block_v),)](
-        h, weight, b, labels, lse, ent, g_logp, g_ent, dz,
-        n, V, H, n_row_blocks,
-        h.stride(0), weight.stride(0), dz.stride(0),
-        inv_temp, ignore_index,
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
-        DOT_PRECISION=_dot_precision(h.dtype), UPCAST_OPERANDS=_upcast(h.dtype),
-        num_warps=warps, num_stages=stages,
-    )
+    with device_guard(h):
+        _linear_logprobs_bwd_kernel[(n_row_blocks * triton.cdiv(V, block_v),)](
+            h, weight, b, labels, lse, ent, g_logp, g_ent, dz,
+            n, V, H, n_row_blocks,
+            h.stride(0), weight.stride(0), dz.stride(0),
+            inv_temp, ignore_index,
+            HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
+            DOT_PRECISION=_dot_precision(h.dtype), UPCAST_OPERANDS=_upcast(h.dtype),
+            num_warps=warps, num_stages=stages,
+        )
+
+
+# The two Triton launchers as torch.library ops: opaque to torch.compile (Dynamo cannot trace a Triton
+# launch under the CPU interpreter, and Inductor then sees one op instead of a kernel it would re-wrap),
+# with fake kernels for tracing. The autograd around them (chunk loop, cuBLAS matmuls) stays traceable.
+@torch.library.custom_op("flowrl_kernels::linear_token_logprobs_fwd", mutates_args=())
+def _triton_forward_op(h2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+                       inv_temp: float, ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton_forward(h2, weight, bias, labels, inv_temp, ignore_index)
+
+
+@_triton_forward_op.register_fake
+def _(h2, weight, bias, labels, inv_temp, ignore_index):
+    return tuple(h2.new_empty((h2.shape[0],), dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("flowrl_kernels::linear_token_logprobs_dlogits", mutates_args=())
+def _triton_dlogits_op(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+                       lse: torch.Tensor, ent: torch.Tensor, g_logp: torch.Tensor, g_ent: torch.Tensor,
+                       inv_temp: float, ignore_index: int) -> torch.Tensor:
+    """dlogits [n, V] of rows h [n, H] in h's dtype (NaN-poisoned before the kernel in tests)."""
+    dz = empty((h.shape[0], weight.shape[0]), dtype=h.dtype, device=h.device)
+    _triton_dlogits(h, weight, bias, labels, lse, ent, g_logp, g_ent, inv_temp, ignore_index, dz)
+    return dz
+
+
+@_triton_dlogits_op.register_fake
+def _(h, weight, bias, labels, lse, ent, g_logp, g_ent, inv_temp, ignore_index):
+    return h.new_empty((h.shape[0], weight.shape[0]))
 
 
 # ----------------------------------------------------------------------------------------------------
 # torch (chunked) path: same math, per chunk of rows
 # ----------------------------------------------------------------------------------------------------
+def _lowp_mm(t: torch.Tensor, cd: torch.dtype) -> bool:
+    """True when a bf16 / fp16 matmul with fp32 output (``torch.mm(..., out_dtype=float32)``: tensor
+    cores, fp32 accumulation, no fp32 copy of the weight) serves the torch path: CUDA tensors, torch
+    >= 2.8 (aten::mm.dtype). The products of two 16-bit floats are exact in fp32, so the logits equal
+    the upcast matmul's up to fp32 summation order, as on the Triton path."""
+    return (t.device.type == "cuda" and cd == torch.float32 and t.dtype in (torch.float16, torch.bfloat16)
+            and hasattr(torch.ops.aten.mm, "dtype"))
+
+
 def _torch_mm_operands(h2, weight, bias, cd):
     # CPU has no bf16 x bf16 -> fp32 matmul, so low-precision weights are upcast once (V * H * 4 B);
-    # the logits themselves must be fp32 (a bf16 logit is off by up to 0.4% of its value).
-    w = weight if weight.dtype == cd else weight.to(cd)
+    # the logits themselves must be fp32 (a bf16 logit is off by up to 0.4% of its value). CUDA keeps
+    # the 16-bit weight (see _lowp_mm).
+    w = weight if weight.dtype == cd or _lowp_mm(weight, cd) else weight.to(cd)
     b = None if bias is None else bias.to(cd)
     return w, b
 
 
 def _torch_logits(h_c, w, b, inv_temp, cd):
-    x = torch.mm(h_c.to(cd), w.t()) if b is None else torch.addmm(b, h_c.to(cd), w.t())
+    if w.dtype != cd:  # 16-bit operands on CUDA, fp32 out (the overload _lowp_mm checked for)
+        x = torch.ops.aten.mm.dtype(h_c, w.t(), cd)
+        if b is not None:
+            x.add_(b)
+    else:
+        x = torch.mm(h_c.to(cd), w.t()) if b is None else torch.addmm(b, h_c.to(cd), w.t())
     return x.mul_(inv_temp)
+
+
+def _torch_chunk_rows(V: int, device: torch.device) -> int:
+    """Rows per chunk of the torch path: each chunk's fp32 logits within 64 MiB on the CPU (a cache-
+    and RAM-friendly constant), and on CUDA within 1/16 of the free device memory, capped at 1 GiB
+    (V=152064: 1765 rows, so each chunk's matmul runs at cuBLAS speed; 64 MiB chunks of 110 rows ran
+    at ~10% of it on an H200). The path holds ~3 such buffers at once."""
+    budget = _TORCH_CHUNK_BYTES
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = max(_TORCH_CHUNK_BYTES, min(_TORCH_CHUNK_BYTES_CUDA_MAX, free // 16))
+    return max(1, budget // (V * 4))
 
 
 def _torch_forward(h2, weight, bias, labels, inv_temp, ignore_index, chunk, cd):
@@ -361,12 +491,14 @@ def _torch_forward(h2, weight, bias, labels, inv_temp, ignore_index, chunk, cd):
         x.sub_(m)                                                   # x - m <= 0
         lab = labels[r0:r1]
         valid = lab != ignore_index
-        xt = x.gather(1, torch.where(valid, lab, 0).long().unsqueeze(1)).squeeze(1)
+        in_range = (lab >= 0) & (lab < x.shape[1])
+        xt = x.gather(1, torch.where(valid & in_range, lab, 0).long().unsqueeze(1)).squeeze(1)
         e = torch.exp(x)                                            # buffer 2
         s = e.sum(1)
         u = x.mul_(e).sum(1)                                        # sum (x - m) e^(x - m)
         del x, e
-        log_s = torch.log(s)
+        # an out-of-range label (unchecked on GPU) poisons its row, as in the Triton kernels
+        log_s = torch.where(valid & ~in_range, float("nan"), torch.log(s))
         zero = torch.zeros((), dtype=cd, device=h2.device)
         logp[r0:r1] = torch.where(valid, xt - log_s, zero)
         ent[r0:r1] = torch.where(valid, log_s - u / s, zero)
@@ -384,8 +516,61 @@ def _torch_dlogits(h_c, w, b, labels, lse, ent, g_logp, g_ent, inv_temp, ignore_
     # -p (g_lp + g_en (log p + H)), built in place in the log-p buffer
     dz.add_(ent.unsqueeze(1)).mul_(g_en.unsqueeze(1)).add_(g_lp.unsqueeze(1)).mul_(p).neg_()
     del p
-    dz.scatter_add_(1, torch.where(valid, labels, 0).long().unsqueeze(1), g_lp.unsqueeze(1))
+    # out-of-range labels (their rows are NaN through lse) must not index out of bounds
+    in_range = (labels >= 0) & (labels < dz.shape[1])
+    dz.scatter_add_(1, torch.where(valid & in_range, labels, 0).long().unsqueeze(1), g_lp.unsqueeze(1))
     return dz.mul_(inv_temp)
+
+
+def _vocab_chunk(N: int, V: int, chunk_rows: int) -> int:
+    """Columns per vocab chunk: the workspace's chunk_rows * V elements spread over all N rows, at least
+    V / _MAX_VOCAB_CHUNKS, a multiple of 128 (whole tiles) when that large."""
+    vc = max(chunk_rows * V // max(N, 1), -(-V // _MAX_VOCAB_CHUNKS), 1)
+    return min(V, vc // 128 * 128 if vc >= 128 else vc)
+
+
+def _mm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with the running sum kept in acc's dtype. acc fp32 and a, b 16-bit: on CUDA one cuBLAS
+    call that accumulates in fp32 and writes fp32 (aten::addmm.dtype_out, torch >= 2.8), never rounding
+    a chunk's product to 16 bits; elsewhere (the CPU interpreter, older torch) the operands are upcast.
+    Summing per-chunk products rounded to bf16 drifts: 24 vocab chunks gave up to 24 roundings of dH,
+    and TRL reports that such per-chunk rounding biases training (entropy drifts lower)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.device.type == "cuda" and hasattr(torch.ops.aten.addmm, "dtype_out"):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _triton_backward_vocab_chunks(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, inv_temp,
+                                  ignore_index, vc, dH, dW, db):
+    """Backward over vocab chunks [v0, v1) of all N rows (N <= V): dz = dlogits[:, v0:v1] in the input
+    dtype, then dW[v0:v1] = dz^T @ hidden (written once, fp32 accumulation over all N inside cuBLAS),
+    dH += dz @ W[v0:v1] (dH is fp32 when there are several chunks of 16-bit data: see _mm_acc),
+    db[v0:v1] = column sums of dz. The kernel sees the chunk as a vocab of vc columns with its own
+    labels: ignored rows -> -1 (the kernel's ignore_index here), a label inside the chunk -> label - v0,
+    a label outside it -> -2, which matches no column and keeps the row's softmax term. (Shifting alone
+    could map a valid label onto the caller's ignore_index, e.g. 3.) One chunk's dz is alive at a time."""
+    V = weight.shape[0]
+    ignored = labels == ignore_index
+    for v0 in range(0, V, vc):
+        v1 = min(V, v0 + vc)
+        w_c = weight[v0:v1]
+        inside = (labels >= v0) & (labels < v1)
+        lab_c = torch.where(ignored, -1, torch.where(inside, labels - v0, -2))
+        dz = _triton_dlogits_op(hidden, w_c, None if bias is None else bias[v0:v1], lab_c, lse, ent, g_logp,
+                                g_ent, inv_temp, -1)
+        if dH is not None:
+            if v0 == 0 and dH.dtype == dz.dtype:
+                torch.mm(dz, w_c, out=dH)
+            else:
+                _mm_acc(dH, dz, w_c)
+        if dW is not None:
+            torch.mm(dz.t(), hidden, out=dW[v0:v1])
+        if db is not None:
+            db[v0:v1] = dz.sum(0, dtype=db.dtype)
+        del dz
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -403,7 +588,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         inv_temp = 1.0 / temperature
         if impl == "triton":
             cd = torch.float32
-            logp, ent, lse = _triton_forward(hidden, weight, bias, labels, inv_temp, ignore_index)
+            logp, ent, lse = _triton_forward_op(hidden, weight, bias, labels, inv_temp, ignore_index)
         else:
             cd = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
             logp, ent, lse = _torch_forward(hidden, weight, bias, labels, inv_temp, ignore_index, chunk, cd)
@@ -422,40 +607,64 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         g_logp = g_logp.to(torch.float32 if impl == "triton" else cd).contiguous()
         g_ent = g_ent.to(g_logp.dtype).contiguous()
 
-        dH = torch.empty((N, H), dtype=hidden.dtype, device=dev) if need_h else None
+        # Triton, 0 < N <= V: vocab chunks (see _TRITON_VOCAB_CHUNK_BYTES); else row chunks
+        vc = _vocab_chunk(N, V, chunk) if impl == "triton" and 0 < N <= V else 0
+        dH = None
+        if need_h:
+            # several vocab chunks of 16-bit data sum their dH products in an fp32 buffer (N * H * 4 bytes)
+            lowp_sum = vc and vc < V and hidden.dtype in (torch.float16, torch.bfloat16)
+            dH = (torch.zeros((N, H), dtype=torch.float32, device=dev) if lowp_sum
+                  else torch.empty((N, H), dtype=hidden.dtype, device=dev))
         if impl == "triton":
-            # dz in the input dtype feeds cuBLAS directly (fp32 accumulation inside each matmul).
+            # dz in the input dtype feeds cuBLAS directly (fp32 accumulation inside each matmul); one
+            # chunk's dz is alive at a time (freed at the end of each iteration, then reused by the
+            # caching allocator)
             w_mm, b_k, mm_dtype = weight, bias, hidden.dtype
-            dz_buf = empty((min(chunk, N), V), dtype=mm_dtype, device=dev)  # NaN-poisoned in tests
         else:
             w_mm, b_k = _torch_mm_operands(hidden, weight, bias, cd)
-            mm_dtype = cd
-        # dW accumulates across chunks: in fp32 on the torch path; on the Triton path in the weight
-        # dtype (cuBLAS addmm accumulates each chunk in fp32 and rounds the running sum once per chunk:
-        # ceil(N / chunk) roundings, 1 when N <= chunk, as in torch's own lm_head backward).
+            # CUDA 16-bit: dz rounded to the input dtype feeds the 16-bit weight's matmuls, as on the
+            # Triton path (and as torch's own lm_head backward does)
+            mm_dtype = w_mm.dtype
+        # Row chunks: dW accumulates across chunks in fp32 (the CPU torch path's dtype anyway; for 16-bit
+        # operands an fp32 buffer of V * H * 4 bytes whenever there is more than one chunk, see _mm_acc),
+        # or is written by one matmul in the weight dtype when one chunk covers all rows, as in torch's
+        # own lm_head backward. Vocab chunks write each dW row range once (no zero fill).
         dW = None
         if need_w:
-            dW = torch.zeros((V, H), dtype=mm_dtype, device=dev)
+            if vc:
+                dW = torch.empty((V, H), dtype=mm_dtype, device=dev)
+            else:
+                dW = torch.zeros((V, H), dtype=mm_dtype if N <= chunk else torch.promote_types(mm_dtype,
+                                 torch.float32), device=dev)
         db = torch.zeros(V, dtype=cd, device=dev) if need_b else None  # fp32 (fp64 for fp64 inputs)
+
+        if vc:
+            _triton_backward_vocab_chunks(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, inv_temp,
+                                          ignore_index, vc, dH, dW, db)
+            if dH is not None and dH.dtype != hidden.dtype:
+                dH = dH.to(hidden.dtype)
+            return dH, dW, (db.to(bias.dtype) if db is not None else None), None, None, None, None, None
 
         for r0 in range(0, N, chunk):
             r1 = min(N, r0 + chunk)
             h_c = hidden[r0:r1]
             if impl == "triton":
-                dz = dz_buf[: r1 - r0]
-                _triton_dlogits(h_c, weight, b_k, labels[r0:r1], lse[r0:r1], ent[r0:r1],
-                                g_logp[r0:r1], g_ent[r0:r1], inv_temp, ignore_index, dz)
+                dz = _triton_dlogits_op(h_c, weight, b_k, labels[r0:r1], lse[r0:r1], ent[r0:r1],
+                                        g_logp[r0:r1], g_ent[r0:r1], inv_temp, ignore_index)
             else:
                 dz = _torch_dlogits(h_c, w_mm, b_k, labels[r0:r1], lse[r0:r1], ent[r0:r1],
                                     g_logp[r0:r1], g_ent[r0:r1], inv_temp, ignore_index, cd)
+                if need_b:
+                    db += dz.sum(0, dtype=db.dtype)  # before the rounding to the matmul dtype
+                dz = dz.to(mm_dtype)
             if need_h:
                 if dz.dtype == hidden.dtype:
                     torch.mm(dz, w_mm, out=dH[r0:r1])
                 else:
                     dH[r0:r1] = torch.mm(dz, w_mm)
             if need_w:
-                dW.addmm_(dz.t(), h_c if h_c.dtype == mm_dtype else h_c.to(mm_dtype))
-            if need_b:
+                _mm_acc(dW, dz.t(), h_c if h_c.dtype == mm_dtype else h_c.to(mm_dtype))
+            if need_b and impl == "triton":
                 db += dz.sum(0, dtype=db.dtype)
             del dz
         if dW is not None and dW.dtype != weight.dtype:
@@ -513,6 +722,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     Args:
         hidden: [..., H] float16 / bfloat16 / float32 (float64: impl="torch" only); last dim stride 1,
             other dims may be strided (a non-viewable [..., H] is reshaped with a copy of N * H elements).
+            float32 follows torch's fp32 matmul setting, as torch's own lm_head does: exact fp32 dots
+            (CUDA cores) by default, TF32 tensor cores after ``torch.set_float32_matmul_precision("high")``
+            or ``torch.backends.cuda.matmul.fp32_precision = "tf32"``.
         weight: [V, H], same dtype as hidden, row stride free, last dim stride 1 (an lm_head's weight).
         labels: [...] int32 / int64. Positions equal to ``ignore_index`` give 0 and get no gradient.
         bias: optional [V] (any float dtype; used in fp32).
@@ -521,10 +733,15 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         impl: None (Triton on CUDA, else the chunked torch path), "triton", or "torch" (chunked torch
             path, NOT the naive reference, which is ``flowrl_kernels.reference.linear_token_logprobs``).
         chunk_size: rows per chunk of the backward (and of the torch forward). Default: the torch path
-            keeps one chunk's fp32 logits within 64 MiB (rows = 64 MiB / (4 V)); the Triton path keeps
-            its dlogits workspace within 512 MiB (rows = 512 MiB / (V * itemsize), multiple of 128).
+            keeps one chunk's fp32 logits within 64 MiB on the CPU (rows = 64 MiB / (4 V)), within 1/16
+            of the free memory (<= 1 GiB) on CUDA. Triton: the dlogits workspace holds chunk_size * V
+            elements, 64 MiB by default when N <= V (spread over all N rows as vocab chunks of
+            chunk_size * V / N columns, at least V / 32; dH sums the chunks in fp32), 512 MiB when N > V
+            (row chunks; dW sums them in fp32). 16-bit gradients are rounded once, at the end.
         validate: check every label is in [0, V) or ignore_index even on CUDA (a device sync). CPU
-            labels are always checked.
+            labels are always checked (except while torch.compile traces). Unchecked out-of-range
+            labels poison their position, as in ``token_logprobs``: NaN logp and entropy, NaN gradient
+            rows (never a finite, silently wrong logp; never an out-of-bounds read).
 
     Returns:
         logp float32 [...] (float64 for float64 inputs), and entropy float32 [...] when
@@ -533,8 +750,11 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
     Memory (N tokens), beyond inputs, outputs and gradients:
         Triton forward: 4 * splits * N + 2 * N float32 (splits <= ~2 * SMs / row blocks; saved lse,
-        entropy). Triton backward: one dlogits chunk of chunk_size * V * itemsize bytes (bounded, 512 MiB
-        by default) + V float32 for the bias grad. Exact: every dlogit enters the matmuls (no filtering).
+        entropy). Triton backward: one dlogits workspace of chunk_size * V * itemsize bytes (64 MiB by
+        default for N <= V, 512 MiB above; at least N * V / 32 elements) + V float32 for the bias grad,
+        + an fp32 accumulator for 16-bit inputs when there are several chunks (N * H * 4 bytes for dH
+        over vocab chunks, V * H * 4 for dW over row chunks). Exact: every dlogit enters the matmuls
+        (no filtering).
         Torch path: 2 chunks of chunk_size * V fp32 (<= 128 MiB by default) in forward and backward;
         bf16/fp16 weights are upcast once (V * H * 4 B) and dW accumulates in fp32 (V * H * 4 B),
         because CPU matmuls have no bf16 -> fp32 mode.
@@ -559,10 +779,11 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     N = h2.shape[0]
     if chunk_size is None:
         if impl == "triton":
-            rows = _TRITON_CHUNK_BYTES // (V * h2.element_size())
+            budget = _TRITON_VOCAB_CHUNK_BYTES if h2.shape[0] <= V else _TRITON_CHUNK_BYTES
+            rows = budget // (V * h2.element_size())
             chunk_size = max(_BLOCK_N, rows // _BLOCK_N * _BLOCK_N)
         else:
-            chunk_size = max(1, _TORCH_CHUNK_BYTES // (V * 4))
+            chunk_size = _torch_chunk_rows(V, h2.device)
     chunk_size = max(1, min(chunk_size, N))
     if impl == "triton" and bias is not None:
         bias = bias.float()  # [V]: the kernels read fp32; autograd casts the grad back

@@ -19,8 +19,7 @@ import torch
 
 from .. import reference
 from .._utils import check_same_device, check_same_shape, check_tensor, resolve_impl
-from .flowrl_loss import (IMPORTANCE_CODES, LOGP_DTYPES, MASK_DTYPES, _fast_impl, _flowrl_loss_fwd_native,
-                          _flowrl_loss_fwd_triton, _kernel_mask, _rows, check_clip, check_logp_mask)
+from .flowrl_loss import IMPORTANCE_CODES, LOGP_DTYPES, MASK_DTYPES, _fast_impl, _fwd_op, check_clip, check_logp_mask
 
 LEVELS = ("sequence", "sequence_mean", "token")
 
@@ -89,14 +88,11 @@ def importance_weights(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.T
         return reference.importance_weights(logp, old_logp, mask, level=level, clip=clip)
     B = logp.shape[0]
     zeros = torch.zeros((1,), dtype=torch.float32, device=device).expand(B)  # log_z, rewards: unused
-    lp, old, m = _rows(logp.detach()), _rows(old_logp.detach()), _kernel_mask(mask, impl)
-    code = IMPORTANCE_CODES[level]
+    lp = logp.detach()
     with torch.no_grad():
-        if impl == "triton":
-            outs = _flowrl_loss_fwd_triton(lp, old, lp, zeros, zeros, m, 0.0, code, log_lo, log_hi, has_ref=False)
-        else:
-            outs = _flowrl_loss_fwd_native(lp, old, lp, zeros, zeros, m, 0.0, code, log_lo, log_hi)
-        _, _, weight, clipped, _, _, length = outs
+        # ref_logp is not read (has_ref=False): logp stands in for it
+        _, _, weight, clipped, _, _, length = _fwd_op(lp, old_logp.detach(), lp, zeros, zeros, mask, 0.0,
+                                                      IMPORTANCE_CODES[level], log_lo, log_hi, impl, False)
         frac = clipped.sum() / (length != 0).sum().clamp(min=1)
     return weight, frac
 

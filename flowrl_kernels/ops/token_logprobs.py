@@ -16,12 +16,14 @@ fwd/bwd ops (torch.ops.flowrl_kernels_native.token_logprobs_fwd/bwd); the autogr
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple, Union
 
 import torch
 
 from .._triton_compat import tl, triton
 from .. import reference
+from . import configs
 from .._utils import (
     INDEX_DTYPES,
     check_labels_in_range,
@@ -29,9 +31,11 @@ from .._utils import (
     check_temperature,
     check_tensor,
     check_vocab_contiguous,
+    device_guard,
     empty,
     resolve_impl,
 )
+from .vocab_parallel import group_layout, vocab_parallel_token_logprobs
 
 __all__ = ["token_logprobs"]
 
@@ -55,8 +59,9 @@ MAX_GRID = 2**31 - 1
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _config(V: int) -> Tuple[int, int]:
-    """(BLOCK_V, num_warps): a fixed, deterministic heuristic (no autotune).
+def _config(V: int, device: Optional[torch.device] = None) -> Tuple[int, int]:
+    """(BLOCK_V, num_warps): a fixed, deterministic heuristic (no autotune) over the per-arch entry of
+    ops/configs.py (elements per thread, warps per row; ``device`` None: the sm90 entry).
 
     8 elements per thread per iteration (one 16-byte load for bf16/fp16, two for fp32) and 8 warps per
     row: BLOCK_V = 2048, 75 iterations at V = 151936. Measured with tests/test_codegen.py on sm_90: the
@@ -64,12 +69,24 @@ def _config(V: int) -> Tuple[int, int]:
     at 16 bf16 elements (2 CTAs/SM): its two per-lane accumulators scale with the elements per thread.
     The forward loop is pipelined (num_stages=3: 2 blocks in flight per CTA); the backward (30-40
     registers, 6-8 CTAs/SM) needs no pipelining. Small V shrinks the block to next_pow2(V) and the warps
-    with it (V = 7 -> 8 elements, 1 warp) so no lanes idle. Not yet timed on a GPU.
+    with it (V = 7 -> 8 elements, 1 warp) so no lanes idle.
     """
-    per_thread = 8
-    block = min(triton.next_power_of_2(V), per_thread * 32 * 8)
-    num_warps = max(1, min(8, block // (per_thread * 32)))
-    return block, num_warps
+    if configs.overridden("token_logprobs"):
+        cfg = configs.config("token_logprobs", torch.device("cpu"))
+        return _block_and_warps(V, cfg["per_thread"], cfg["num_warps"])
+    arch = configs.arch_of(device) if device is not None and device.type == "cuda" else "sm90"
+    return _config_cached(V, arch)
+
+
+@functools.lru_cache(maxsize=1024)
+def _config_cached(V: int, arch: str) -> Tuple[int, int]:
+    cfg = configs.TABLE[arch]["token_logprobs"]["any"]
+    return _block_and_warps(V, cfg["per_thread"], cfg["num_warps"])
+
+
+def _block_and_warps(V: int, per_thread: int, max_warps: int) -> Tuple[int, int]:
+    block = min(triton.next_power_of_2(V), per_thread * 32 * max_warps)
+    return block, max(1, min(max_warps, block // (per_thread * 32)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,7 +128,7 @@ def _token_logprobs_fwd_kernel(
     # data ptrs
     logits_ptr, labels_ptr, logp_ptr, lse_ptr, ent_ptr,
     # shapes
-    T1, V, row0,
+    T1, V, label_end, row0,
     # strides
     stride_xb, stride_xt, stride_lb, stride_lt,
     # scalars
@@ -145,15 +162,19 @@ def _token_logprobs_fwd_kernel(
     s = tl.where(valid, s, 1.0)  # ignored rows read nothing (s = 0): keep their math finite
     log2_s = tl.log2(s)
     lse = m + log2_s * K_LN2
-    # out-of-range labels (only possible when unchecked on GPU) read nothing and give NaN, never a number
+    # A label outside [0, label_end) (possible when unchecked on GPU; label_end = V, or V + 1 under vocab
+    # parallelism where V means "target in another shard") reads nothing and poisons its row: NaN logp,
+    # entropy and lse (so the backward writes a NaN gradient row), never a finite number.
     in_range = (label >= 0) & (label < V)
+    bad = valid & ((label < 0) | (label >= label_end))
+    lse = tl.where(bad, float("nan"), lse)
     x_t = tl.load(x_row + label, mask=valid & in_range, other=float("nan")).to(tl.float32)
     logp = x_t * inv_temp - lse
     tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
     if RETURN_ENTROPY:
         ent = (log2_s - tl.sum(u_acc, 0) / s) * K_LN2
-        tl.store(ent_ptr + row, tl.where(valid, ent, 0.0))
+        tl.store(ent_ptr + row, tl.where(valid, tl.where(bad, float("nan"), ent), 0.0))
 
 
 @triton.jit
@@ -252,7 +273,7 @@ def _prep(logits: torch.Tensor, labels: torch.Tensor):
     return x, lab
 
 
-def _fwd_triton(logits, labels, temperature, return_entropy, ignore_index):
+def _fwd_triton(logits, labels, temperature, return_entropy, ignore_index, sharded=False):
     V = logits.shape[-1]
     N = labels.numel()
     dev = logits.device
@@ -262,15 +283,16 @@ def _fwd_triton(logits, labels, temperature, return_entropy, ignore_index):
     if N == 0:
         return logp, lse, ent
     x, lab = _prep(logits, labels)
-    BLOCK_V, num_warps = _config(V)
-    for row0 in range(0, N, MAX_GRID):
-        _token_logprobs_fwd_kernel[(min(N - row0, MAX_GRID),)](
-            x, lab, logp, lse, ent if return_entropy else logp,
-            x.shape[1], V, row0,
-            x.stride(0), x.stride(1), lab.stride(0), lab.stride(1),
-            1.0 / temperature, ignore_index,
-            BLOCK_V=BLOCK_V, RETURN_ENTROPY=return_entropy, num_warps=num_warps,
-        )
+    BLOCK_V, num_warps = _config(V, dev)
+    with device_guard(logits):
+        for row0 in range(0, N, MAX_GRID):
+            _token_logprobs_fwd_kernel[(min(N - row0, MAX_GRID),)](
+                x, lab, logp, lse, ent if return_entropy else logp,
+                x.shape[1], V, V + 1 if sharded else V, row0,
+                x.stride(0), x.stride(1), lab.stride(0), lab.stride(1),
+                1.0 / temperature, ignore_index,
+                BLOCK_V=BLOCK_V, RETURN_ENTROPY=return_entropy, num_warps=num_warps,
+            )
     return logp, lse, ent
 
 
@@ -286,52 +308,63 @@ def _bwd_triton(logits, labels, lse, ent, grad_logp, grad_ent, temperature, igno
     # upstream grads may be expanded (logp.sum().backward() gives stride 0): O(N) copy to [N] fp32
     grad_logp = grad_logp.reshape(-1).to(torch.float32).contiguous()
     grad_ent = grad_ent.reshape(-1).to(torch.float32).contiguous() if has_gent else grad_logp
-    BLOCK_V, num_warps = _config(V)
-    for row0 in range(0, N, MAX_GRID):
-        _token_logprobs_bwd_kernel[(min(N - row0, MAX_GRID),)](
-            x, lab, lse, ent if has_gent else lse, grad_logp, grad_ent, grad,
-            x.shape[1], V, row0,
-            x.stride(0), x.stride(1), lab.stride(0), lab.stride(1), V,
-            1.0 / temperature, ignore_index,
-            BLOCK_V=BLOCK_V, HAS_GENT=has_gent, num_warps=num_warps,
-        )
+    BLOCK_V, num_warps = _config(V, logits.device)
+    with device_guard(logits):
+        for row0 in range(0, N, MAX_GRID):
+            _token_logprobs_bwd_kernel[(min(N - row0, MAX_GRID),)](
+                x, lab, lse, ent if has_gent else lse, grad_logp, grad_ent, grad,
+                x.shape[1], V, row0,
+                x.stride(0), x.stride(1), lab.stride(0), lab.stride(1), V,
+                1.0 / temperature, ignore_index,
+                BLOCK_V=BLOCK_V, HAS_GENT=has_gent, num_warps=num_warps,
+            )
     return grad
 
 
-def _native_2d(logits, labels):
+def _native_2d(logits, labels, ignore_index, sharded):
     V = logits.shape[-1]
     x = _as_3d(logits, 1)
     x2 = x[0] if x is not None and x.shape[0] == 1 else logits.reshape(-1, V)
-    return x2, labels.reshape(-1).to(torch.int64).contiguous()
+    lab = labels.reshape(-1).to(torch.int64).contiguous()
+    if not sharded and ignore_index != V:
+        # the native kernels read label == V as "target in another shard" (finite entropy and gradient);
+        # outside vocab parallelism it is out of range like any other: map it to one the kernels poison
+        lab = torch.where(lab == V, -1 if ignore_index != -1 else -2, lab)
+    return x2, lab
 
 
 # ----------------------------------------------------------------------------------------------------
 # torch.library registration: opaque to torch.compile, with fake kernels and autograd
 # ----------------------------------------------------------------------------------------------------
-@torch.library.custom_op("flowrl_kernels::token_logprobs_fwd", mutates_args=())
-def _fwd_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float, return_entropy: bool,
-            ignore_index: int, impl: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# ``sharded``: the logits are one vocab-parallel shard (ops/vocab_parallel.py) and label == V means "the
+# target is in another shard" (lse and entropy as usual, no target term); otherwise V is out of range.
+def _fwd_impl(logits, labels, temperature, return_entropy, ignore_index, impl, sharded):
+    """The forward of either fast impl -> (logp, lse, entropy | empty): the custom op's body."""
     if impl == "native":
-        x2, lab = _native_2d(logits, labels)
+        x2, lab = _native_2d(logits, labels, ignore_index, sharded)
         lp, lse, ent = torch.ops.flowrl_kernels_native.token_logprobs_fwd(
             x2, lab, temperature, return_entropy, ignore_index)
         return lp.view(labels.shape), lse.view(labels.shape), ent.view(labels.shape) if return_entropy else ent
-    return _fwd_triton(logits, labels, temperature, return_entropy, ignore_index)
+    return _fwd_triton(logits, labels, temperature, return_entropy, ignore_index, sharded)
+
+
+@torch.library.custom_op("flowrl_kernels::token_logprobs_fwd", mutates_args=())
+def _fwd_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float, return_entropy: bool,
+            ignore_index: int, impl: str, sharded: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fwd_impl(logits, labels, temperature, return_entropy, ignore_index, impl, sharded)
 
 
 @_fwd_op.register_fake
-def _(logits, labels, temperature, return_entropy, ignore_index, impl):
+def _(logits, labels, temperature, return_entropy, ignore_index, impl, sharded):
     out = logits.new_empty(labels.shape, dtype=torch.float32)
     ent = logits.new_empty(labels.shape if return_entropy else (0,), dtype=torch.float32)
     return out, torch.empty_like(out), ent
 
 
-@torch.library.custom_op("flowrl_kernels::token_logprobs_bwd", mutates_args=())
-def _bwd_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
-            grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor], temperature: float,
-            ignore_index: int, impl: str) -> torch.Tensor:
+def _bwd_impl(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, impl, sharded):
+    """The backward of either fast impl -> grad_logits: the custom op's body."""
     if impl == "native":
-        x2, lab = _native_2d(logits, labels)
+        x2, lab = _native_2d(logits, labels, ignore_index, sharded)
         ge = None if grad_entropy is None else grad_entropy.reshape(-1).float().contiguous()
         g = torch.ops.flowrl_kernels_native.token_logprobs_bwd(
             x2, lab, lse.reshape(-1), entropy.reshape(-1), grad_logp.reshape(-1).float().contiguous(), ge,
@@ -340,31 +373,57 @@ def _bwd_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entro
     return _bwd_triton(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index)
 
 
+@torch.library.custom_op("flowrl_kernels::token_logprobs_bwd", mutates_args=())
+def _bwd_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+            grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor], temperature: float,
+            ignore_index: int, impl: str, sharded: bool) -> torch.Tensor:
+    return _bwd_impl(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, impl,
+                     sharded)
+
+
 @_bwd_op.register_fake
-def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, impl):
+def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, impl, sharded):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, temperature, return_entropy, ignore_index, impl = inputs
+    logits, labels, temperature, return_entropy, ignore_index, impl, sharded = inputs
     _, lse, ent = output
     ctx.save_for_backward(logits, labels, lse, ent)
-    ctx.temperature, ctx.ignore_index, ctx.impl = temperature, ignore_index, impl
+    ctx.temperature, ctx.ignore_index, ctx.impl, ctx.sharded = temperature, ignore_index, impl, sharded
     ctx.return_entropy = return_entropy
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, grad_logp, grad_lse, grad_ent):
+def _backward(ctx, grad_logp, grad_lse, grad_ent, bwd=None):
     logits, labels, lse, ent = ctx.saved_tensors
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
     if not ctx.return_entropy:
         grad_ent = None
-    grad = _bwd_op(logits, labels, lse, ent, grad_logp, grad_ent, ctx.temperature, ctx.ignore_index, ctx.impl)
-    return grad, None, None, None, None, None
+    grad = (bwd or _bwd_op)(logits, labels, lse, ent, grad_logp, grad_ent, ctx.temperature, ctx.ignore_index,
+                            ctx.impl, ctx.sharded)
+    return grad, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerTokenLogprobs(torch.autograd.Function):
+    """Eager twin of the custom op: the same kernels, context and backward, without torch.library's
+    per-call Python dispatch (the custom op's wrapping was ~80% of the public call's host time on a tiny
+    input, bench/host_overhead.py). torch.compile traces the custom op instead (token_logprobs picks)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, return_entropy, ignore_index, impl, sharded):
+        out = _fwd_impl(logits, labels, temperature, return_entropy, ignore_index, impl, sharded)
+        _setup_context(ctx, (logits, labels, temperature, return_entropy, ignore_index, impl, sharded), out)
+        ctx.set_materialize_grads(False)  # an unused entropy costs no zero [N] gradient, nor its reads
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_lse, grad_ent):
+        return _backward(ctx, grad_logp, grad_lse, grad_ent, bwd=_bwd_impl)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -392,7 +451,13 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
             and the gradient of its shard (no communication); see ``flowrl_kernels.ops.vocab_parallel``.
             Eager only (not traceable by torch.compile). None (default): the logits hold the whole vocab.
         validate: full label range check on GPU tensors (one device sync). CPU tensors are always
-            checked; unchecked out-of-range labels give NaN log-probs (the kernel never reads them).
+            checked (ValueError naming the label and its index), except while torch.compile traces.
+
+    Out-of-range labels (outside [0, V) and not ``ignore_index``) when unchecked (GPU without
+    ``validate``, or under torch.compile): every impl poisons that position instead of reading out of
+    bounds or returning a number: logp = NaN, entropy = NaN, and that row of the logits gradient is NaN.
+    Any loss that uses the position turns NaN, so a bad label is never silently trained on. The same
+    policy holds for ``linear_token_logprobs`` and ``reference.token_logprobs``.
 
     Returns:
         logp [...] float32, or (logp, entropy) both [...] float32 (float64 for float64 logits with
@@ -422,18 +487,15 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
         raise ValueError(f"logits has dtype float64, which impl={impl!r} does not support; use impl='torch' "
                          "or cast logits to float32.")
     if process_group is not None:
-        from .vocab_parallel import group_layout, vocab_parallel_token_logprobs
-
         vocab_start, vocab = group_layout(process_group, logits.shape[-1])
         check_labels_in_range(labels, vocab, ignore_index, validate=validate)
         return vocab_parallel_token_logprobs(logits, labels, temperature=temperature, return_entropy=return_entropy,
                                              ignore_index=ignore_index, impl=impl, process_group=process_group,
-                                             vocab_start=vocab_start)
-    # the CPU check costs no device sync but is data-dependent: torch.compile traces without it
-    if not torch.compiler.is_compiling():
-        check_labels_in_range(labels, logits.shape[-1], ignore_index, validate=validate)
+                                             vocab_start=vocab_start, vocab=vocab)
+    check_labels_in_range(labels, logits.shape[-1], ignore_index, validate=validate)
     if impl == "torch":
         return reference.token_logprobs(logits, labels, temperature=temperature,
                                         return_entropy=return_entropy, ignore_index=ignore_index)
-    logp, _, ent = _fwd_op(logits, labels, temperature, return_entropy, ignore_index, impl)
+    fwd = _fwd_op if torch.compiler.is_compiling() else _EagerTokenLogprobs.apply
+    logp, _, ent = fwd(logits, labels, temperature, return_entropy, ignore_index, impl, False)
     return (logp, ent) if return_entropy else logp

@@ -37,7 +37,10 @@ import torch
 import torch.distributed as dist
 
 from .. import reference
-from .token_logprobs import _bwd_op, _fwd_op
+
+# The single-device kernels are reached as the torch.library ops that ops/token_logprobs.py registers
+# (torch.ops.flowrl_kernels.token_logprobs_fwd / _bwd; the only way here is token_logprobs(process_group=),
+# so they exist by then): importing that module instead would make an import cycle.
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -87,7 +90,7 @@ class VocabParallelTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, temperature: float, return_entropy: bool, ignore_index: int, impl: str,
-                group, vocab_start: int):
+                group, vocab_start: int, vocab: int):
         V_local = logits.shape[-1]
         valid = labels != ignore_index
         local = labels - vocab_start
@@ -102,12 +105,19 @@ class VocabParallelTokenLogprobs(torch.autograd.Function):
             lse_r, ent_r = _shard_stats_torch(logits, temperature, return_entropy)
             z_t = x_t.to(cd) / temperature
         else:
-            _, lse_r, ent_r = _fwd_op(logits, k_labels, temperature, return_entropy, ignore_index, impl)
+            _, lse_r, ent_r = torch.ops.flowrl_kernels.token_logprobs_fwd(
+                logits, k_labels, temperature, return_entropy, ignore_index, impl, True)
             if not return_entropy:
                 ent_r = torch.zeros_like(lse_r)
             z_t = x_t.float() * (1.0 / temperature)  # as the kernels scale: x * (1 / T) in fp32
         z_t = torch.where(here, z_t, torch.zeros_like(z_t))
         lse, logp, ent = _merge(lse_r, ent_r, z_t, return_entropy, group)
+        # a label outside the full vocab (unchecked on GPU) is in no shard: poison its row (NaN logp,
+        # entropy, and through lse the gradient), as token_logprobs does on one device
+        bad = valid & ((labels < 0) | (labels >= vocab))
+        nan = torch.full_like(lse, float("nan"))
+        lse, logp = torch.where(bad, nan, lse), torch.where(bad, nan, logp)
+        ent = torch.where(bad, nan, ent) if return_entropy else ent
         zero = torch.zeros_like(logp)
         logp, ent = torch.where(valid, logp, zero), torch.where(valid, ent, zero)
         ctx.save_for_backward(logits, k_labels, lse, ent)
@@ -122,9 +132,10 @@ class VocabParallelTokenLogprobs(torch.autograd.Function):
         if not ctx.return_entropy:
             grad_ent = None
         if ctx.impl != "torch":
-            grad = _bwd_op(logits, k_labels, lse.float(), ent.float(), grad_logp, grad_ent, ctx.temperature,
-                           ctx.ignore_index, ctx.impl)
-            return grad, None, None, None, None, None, None, None
+            grad = torch.ops.flowrl_kernels.token_logprobs_bwd(
+                logits, k_labels, lse.float(), ent.float(), grad_logp, grad_ent, ctx.temperature, ctx.ignore_index,
+                ctx.impl, True)
+            return grad, None, None, None, None, None, None, None, None
         # torch: g_z = g_logp ([j == t] - p) - g_H p (z - lse + H), then / T
         cd = lse.dtype
         z = logits.to(cd) / ctx.temperature
@@ -143,7 +154,7 @@ class VocabParallelTokenLogprobs(torch.autograd.Function):
         onehot = torch.zeros_like(g).scatter_(-1, torch.where(hit, k_labels, 0).long().unsqueeze(-1),
                                               hit.unsqueeze(-1).to(cd))
         g = torch.where(valid, g + onehot * gl, torch.zeros_like(g)) / ctx.temperature
-        return g.to(logits.dtype), None, None, None, None, None, None, None
+        return g.to(logits.dtype), None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -161,7 +172,7 @@ def group_layout(process_group, V_local: int) -> Tuple[int, int]:
 
 def vocab_parallel_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float,
                                   return_entropy: bool, ignore_index: int, impl: str, process_group,
-                                  vocab_start: int):
+                                  vocab_start: int, vocab: int):
     logp, ent = VocabParallelTokenLogprobs.apply(logits, labels, temperature, return_entropy, ignore_index, impl,
-                                                 process_group, vocab_start)
+                                                 process_group, vocab_start, vocab)
     return (logp, ent) if return_entropy else logp

@@ -1,0 +1,57 @@
+"""The package has no import cycle (issue 14: ops/token_logprobs.py and ops/vocab_parallel.py imported
+each other, one of them lazily). Read from the source with ast: every ``from . import`` / ``import
+flowrl_kernels...`` at any depth (a lazy import inside a function closes a cycle just the same)."""
+import ast
+import pathlib
+
+PKG = pathlib.Path(__file__).resolve().parents[1] / "flowrl_kernels"
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: pathlib.Path, mods: set) -> set:
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        for t in targets:
+            while t and t not in mods:  # the deepest package module the import names
+                t = t.rpartition(".")[0]
+            if t and t != name and not name.startswith(t + "."):  # importing a parent package is not a cycle
+                out.add(t)
+    return out
+
+
+def test_no_import_cycles():
+    files = sorted(PKG.rglob("*.py"))
+    mods = {_module_name(f) for f in files}
+    graph = {_module_name(f): _imports(f, mods) for f in files}
+    assert "flowrl_kernels.ops.vocab_parallel" in graph["flowrl_kernels.ops.token_logprobs"]  # the parser sees imports
+
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
