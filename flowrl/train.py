@@ -66,22 +66,14 @@ class TrainingStopped(RuntimeError):
     """Too many consecutive non-finite steps; the message says where the last good checkpoint is."""
 
 
-def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) -> dict:
-    # host syncs: one per phase boundary (the clocks must see the GPU work of their phase), one per
-    # optimizer step (skip or not), one for the token counts and one for the statistics; none per micro-batch
-    reset_peak_memory(env.device)  # peak_memory_mb is this step's peak
-    t0 = time.perf_counter()
-    G = cfg.rollout.group_size
-    problems = local_prompts(task, cfg, env, step)
-    policy.train()
-    batch = sampler.generate(policy, [task.messages(p) for p in problems], n=G,
-                             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, version=step)
-    rewards = torch.tensor([task.reward(problems[i // G], t) for i, t in enumerate(batch.texts)])
-    r_hat = algorithms.normalized_rewards(rewards, G).to(env.device)
-    distributed.synchronize(env.device)
-    t_gen = time.perf_counter()
-
+def update_policy(step, cfg, env, policy, ref, batch, r_hat, opt, sched):
+    """train.epochs passes over one rollout batch, one optimizer step per mini-batch (gradient accumulated
+    over micro-batches). Returns a dict: ``sums`` (micro-batch stats summed on the device, float64 tensors),
+    ``n_micro``, ``grad_norms`` (device tensors, one per mini-batch), ``skipped`` (non-finite updates),
+    ``t_lp`` (clock after the reference / old log-prob forwards) and the trainer's log-probs of the sampling
+    policy for the vLLM gap metric (``trainer_old`` when recomputed, else ``first_logp``, the first
+    forward's). No host sync per micro-batch: one per optimizer step (the skip decision).
+    flowrl.experiments.diversity calls it too."""
     B, mask = len(batch), batch.response_mask
     mini = cfg.train.mini_batch_size or B
     micro = min(cfg.train.micro_batch_size, mini)
@@ -131,6 +123,28 @@ def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) 
                 continue
             opt.step()
             sched.step()
+    return dict(sums=sums, n_micro=n_micro, grad_norms=grad_norms, skipped=skipped, t_lp=t_lp,
+                trainer_old=trainer_old, first_logp=first_logp)
+
+
+def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) -> dict:
+    # host syncs: one per phase boundary (the clocks must see the GPU work of their phase), one per
+    # optimizer step (skip or not), one for the token counts and one for the statistics; none per micro-batch
+    reset_peak_memory(env.device)  # peak_memory_mb is this step's peak
+    t0 = time.perf_counter()
+    G = cfg.rollout.group_size
+    problems = local_prompts(task, cfg, env, step)
+    policy.train()
+    batch = sampler.generate(policy, [task.messages(p) for p in problems], n=G,
+                             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, version=step)
+    rewards = torch.tensor([task.reward(problems[i // G], t) for i, t in enumerate(batch.texts)])
+    r_hat = algorithms.normalized_rewards(rewards, G).to(env.device)
+    distributed.synchronize(env.device)
+    t_gen = time.perf_counter()
+    up = update_policy(step, cfg, env, policy, ref, batch, r_hat, opt, sched)
+    sums, n_micro, grad_norms, skipped, t_lp = (up[k] for k in ("sums", "n_micro", "grad_norms", "skipped", "t_lp"))
+    trainer_old, first_logp, mask = up["trainer_old"], up["first_logp"], batch.response_mask
     distributed.synchronize(env.device)
     t_end = time.perf_counter()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,19 +147,31 @@ def test_enumeration_matches_the_models_own_logits(tok):
 
 
 def test_tiny_setting_smoke(tmp_path):
-    """Two training steps per method from a briefly fine-tuned init: every metric is finite and in range."""
+    """Two training steps per method and update schedule (1x1 on-policy, 2x2 = 2 epochs x 2 mini-batches)
+    from a briefly fine-tuned init: every metric is finite and in range, and the trainer's importance-weight
+    stats are exactly 0 on-policy and > 0 for FlowRL off-policy."""
     res = exp.main(["tiny", "--seeds", "0", "--steps", "2", "--eval-every", "1", "--pretrain-steps", "3",
                     "--eval-samples", "4", "--layers", "1", "--hidden", "16", "--out", str(tmp_path), "--no-plots",
-                    "--methods", "flowrl", "grpo", "flowrl-raw"])
-    assert [r["algo"] for r in res["runs"]] == ["flowrl", "grpo", "flowrl-raw"]
+                    "--methods", "flowrl", "grpo", "flowrl-raw", "--schedules", "1x1", "2x2"])
+    assert [exp.label(r) for r in res["runs"]] == ["flowrl", "grpo", "flowrl-raw", "flowrl 2x2", "grpo 2x2",
+                                                   "flowrl-raw 2x2"]
     for r in res["runs"]:
         assert [h["step"] for h in r["history"]] == [0, 1, 2]
         for h in r["history"]:
             assert 0 <= h["exact_accuracy"] <= 1 and 0 <= h["accuracy"] <= 1 and 0 <= h["exact_malformed"] <= 1
             assert math.isfinite(h["exact_kl"]) and h["exact_kl"] >= 0 and h["exact_entropy"] >= 0
+        tm = r["train_mean"]
+        assert 0 <= tm["train_is_clip_low_frac"] <= 1 and 0 <= tm["train_is_clip_high_frac"] <= 1
+        if r["schedule"] == "1x1":
+            assert tm["train_is_log_w_abs"] == 0.0 and tm["train_is_clip_frac"] == 0.0
+        elif r["algo"] != "grpo":  # GRPO's init here gets no reward, so no gradient: it never moves
+            assert tm["train_is_log_w_abs"] > 0
     saved = json.loads((tmp_path / "diversity_tiny.json").read_text())
     assert saved["runs"][0]["history"] == res["runs"][0]["history"]
+    assert saved["kernels_impl"] in ("default", "torch", "triton", "native")
     assert "± " in (tmp_path / "diversity_tiny_table.md").read_text()
+    summary = (tmp_path / "diversity_tiny_summary.md").read_text()
+    assert "train_is_clip_high_frac" in summary and "| flowrl-raw 2x2 (n=1) |" in summary
 
 
 def test_table_paired_row():
@@ -170,10 +183,55 @@ def test_table_paired_row():
     md = exp.table({"runs": runs}).splitlines()
     assert md[2].startswith("| flowrl (n=3) | 0.567 ± 0.306 |")  # mean 1.7 / 3, sample std 0.306
     assert md[3].startswith("| grpo (n=3) | 0.300 ± 0.100 |")
-    # differences +0.3, -0.1, +0.6: mean 0.267, sample std 0.351, s.e. 0.351 / sqrt(3) = 0.203, 2 of 3 > 0
-    assert md[4].endswith("| +0.267 ± 0.203 (2/3) |"), md[4]
+    # differences +0.3, -0.1, +0.6: mean 0.267, sample std 0.351, s.e. 0.351 / sqrt(3) = 0.203, 2 of 3 > 0;
+    # 95% t-interval with 2 d.o.f.: 0.2667 ± 4.3027 * 0.2028 = [-0.606, +1.139] (contains 0: not bold)
+    assert md[4].endswith("| +0.267 ± 0.203 [-0.606, +1.139] (2/3) |"), md[4]
     # one method only: no paired row
     assert len(exp.table({"runs": [r for r in runs if r["algo"] == "flowrl"]}).splitlines()) == 3
+
+
+def test_table_pairs_within_a_schedule_and_bolds_intervals_that_exclude_zero():
+    """Runs of several update schedules: each method is paired with GRPO of ITS schedule (same seeds), an
+    ablation run at one schedule only gets a paired row too, and trainer means (train_mean) are columns."""
+    runs = []
+    for sch, base in (("1x1", 0.0), ("4x2", 1.0)):
+        for seed, noise in enumerate((0.01, -0.02, 0.03)):
+            for algo, shift in (("flowrl", 0.5), ("grpo", 0.0)) + ((("flowrl-noclip", -0.5),) if sch == "4x2" else ()):
+                runs.append({"algo": algo, "seed": seed, "schedule": sch, "train_mean": {"train_x": base},
+                             "history": [{"step": 3, "kl": base + shift + noise * (algo != "grpo"),
+                                          "train_kl": 99.0}]})  # window means of the last eval: not a column
+    md = exp.table({"runs": runs}).splitlines()
+    assert md[0] == "| method | kl | train_x |"
+    rows = {line.split(" |")[0][2:]: line for line in md[2:]}
+    assert rows["flowrl 4x2 (n=3)"] == "| flowrl 4x2 (n=3) | 1.507 ± 0.025 | 1.000 ± 0.000 |"
+    # differences 0.51, 0.48, 0.53: mean 0.507, s.e. 0.0145, t(2) interval [+0.444, +0.569]: bold
+    paired = "paired (mean ± s.e. [95% t-interval], # seeds > 0)"
+    assert "| **+0.507 ± 0.015 [+0.444, +0.569] (3/3)** |" in rows[f"flowrl 4x2 - grpo 4x2, {paired}"]
+    assert "**-0.493 ± 0.015 [-0.556, -0.431] (0/3)**" in rows[f"flowrl-noclip 4x2 - grpo 4x2, {paired}"]
+    assert len(rows) == 5 + 3  # 5 groups; flowrl 1x1, flowrl 4x2, flowrl-noclip 4x2 against GRPO
+    # kind="all": + the variant against plain FlowRL, + each method against itself on-policy
+    rows = {line.split(" |")[0][2:]: line for line in exp.table({"runs": runs}, kind="all").splitlines()[2:]}
+    assert len(rows) == 5 + 3 + 1 + 2
+    assert "| **-1.000 ± 0.000 [-1.000, -1.000] (0/3)** |" in rows[f"flowrl-noclip 4x2 - flowrl 4x2, {paired}"]
+    one = "**+1.000 ± 0.000 [+1.000, +1.000] (3/3)**"  # 4x2 - 1x1 of GRPO: +1 in kl and train_x, every seed
+    assert rows[f"grpo 4x2 - grpo, {paired}"].endswith(f"| {one} | {one} |")
+
+
+def test_t_quantile_and_schedules():
+    for df, t in ((1, 12.7062), (2, 4.3027), (9, 2.2622), (19, 2.0930), (29, 2.0452)):  # standard t tables
+        assert exp.t_quantile(df) == pytest.approx(t, abs=1e-4)
+    assert exp.parse_schedule("4x2") == (4, 2) and exp.parse_schedule("1X1") == (1, 1)
+    for bad in ("4", "0x2", "ax2"):
+        with pytest.raises(Exception, match="schedule"):
+            exp.parse_schedule(bad)
+    args = exp.parse_args(["tiny", "--schedules", "2x3"])  # 8 prompts x 8: 3 mini-batches do not split it
+    with pytest.raises(ValueError, match="--schedules 2x3: 3 mini-batches"):
+        exp.make_config(args, "flowrl", 0, args.schedules[0])
+    cfg = exp.make_config(args, "flowrl-noclip", 0, (4, 2))
+    assert (cfg.train.epochs, cfg.train.mini_batch_size, cfg.algo.clip) == (4, 32, [-1.0, -1.0])
+    cfg = exp.make_config(args, "flowrl-seqmean", 0, (1, 1))
+    assert (cfg.train.epochs, cfg.train.mini_batch_size, cfg.algo.importance) == (1, 0, "sequence_mean")
+    assert exp.make_config(args, "flowrl-beta5", 0).algo.beta == 5.0
 
 
 @pytest.mark.parametrize("raw", [False, True])
@@ -219,5 +277,21 @@ def test_from_json_merges_runs_saved_by_separate_processes(tmp_path):
     assert md[2].startswith("| flowrl (n=2) | 0.300 ± 0.141 |") and md[3].startswith("| grpo (n=2) | 0.150 ± 0.071 |")
     with pytest.raises(ValueError, match="already in an earlier file"):
         exp.load_runs([a, a], "countdown")
+    other = json.loads(Path(a).read_text())  # the same seed at another update schedule is a different run
+    for r in other["runs"]:
+        r["schedule"] = "4x2"
+    (tmp_path / "s0_4x2.json").write_text(json.dumps(other))
+    assert len(exp.load_runs([a, str(tmp_path / "s0_4x2.json")], "countdown")["runs"]) == 4
     with pytest.raises(ValueError, match="expected 'tiny'"):
         exp.load_runs([a], "tiny")
+
+
+def test_offpolicy_grid_script_parses(tmp_path):
+    """flowrl/experiments/offpolicy_grid.sh: valid bash, and a bad PART stops before any run."""
+    import subprocess
+    script = Path(exp.__file__).with_name("offpolicy_grid.sh")
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    res = subprocess.run(["bash", str(script)], env={"PART": "nope", "OUT": str(tmp_path), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "PART=nope: use all, main, ablations or headline" in res.stderr
+    assert list(tmp_path.iterdir()) == []

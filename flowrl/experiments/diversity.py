@@ -40,6 +40,7 @@ import copy
 import itertools
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -56,7 +57,10 @@ MALFORMED = "<malformed>"
 # at ~1e-6 nats and is far below any real malformed mass (the fine-tuned init has ~1e-3).
 MALFORMED_FLOOR = 1e-12
 CPU = torch.device("cpu")
-COLORS = {"flowrl": "tab:blue", "grpo": "tab:red", "flowrl-raw": "tab:green"}
+COLORS = {"flowrl": "tab:blue", "grpo": "tab:red", "flowrl-raw": "tab:green", "flowrl-noclip": "tab:orange",
+          "flowrl-seqmean": "tab:purple", "flowrl-beta5": "tab:olive", "flowrl-beta30": "tab:cyan",
+          "flowrl-noweight": "tab:brown"}
+LINESTYLES = ("-", "--", "-.", ":")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,10 +156,13 @@ def sampled_metrics(answers: List[List[Optional[str]]], correct: List[List[bool]
 
 
 # ----------------------------------------------------------------------------------------------------
-# shared training step (the trainer's pieces, single process, one update per rollout batch)
+# shared training step (the trainer's own update loop, single process)
 # ----------------------------------------------------------------------------------------------------
 def rl_step(policy, ref, tok, opt, sched, cfg: config.Config, messages: List[list],
-            score: Callable[[rollout.Batch], torch.Tensor], *, raw_reward: bool = False) -> Dict[str, float]:
+            score: Callable[[rollout.Batch], torch.Tensor], *, raw_reward: bool = False,
+            step: int = 0) -> Dict[str, float]:
+    """One rollout batch, then ``train.update_policy`` (cfg.train.epochs x mini-batches, old log-probs
+    recomputed when that is more than one update): the trainer's loss, stats and update, verbatim."""
     G = cfg.rollout.group_size
     batch = rollout.generate(policy, tok, messages, n=G, max_new_tokens=cfg.rollout.max_new_tokens,
                              temperature=cfg.rollout.temperature, top_p=1.0, top_k=0, device=CPU)
@@ -163,36 +170,61 @@ def rl_step(policy, ref, tok, opt, sched, cfg: config.Config, messages: List[lis
     # raw_reward ("flowrl-raw"): FlowRL matches pi_ref exp(beta r) with the raw r, a fixed target, instead of
     # the group z-score r_hat (which depends on the rest of the group; all-correct groups get r_hat = 0)
     r_hat = rewards if raw_reward else algorithms.normalized_rewards(rewards, G)
-    ref_logp = train.forward_logp(ref, batch, cfg) if ref is not None else None
-    B, mask, mb = len(batch), batch.response_mask, cfg.train.micro_batch_size
-    n_tok = int(mask.sum())
-    opt.zero_grad(set_to_none=True)
-    total = 0.0
-    for i in range(0, B, mb):
-        b = batch.slice(i, i + mb)
-        out = policy(b.input_ids, b.attention_mask, b.labels, b.prompt_len, temperature=cfg.rollout.temperature,
-                     entropy=False)
-        ref_b = None if ref_logp is None else ref_logp[i: i + mb]
-        # one update per batch: the sampling policy is the one being trained, old log-probs = detached logp
-        loss, _ = algorithms.objective(out, out["logp"].detach(), ref_b, r_hat[i: i + mb], b.response_mask,
-                                       cfg.algo, n_seq=B, n_tok=n_tok)
-        loss.backward()
-        total += float(loss.detach())
-    gn = distributed.clip_grad_norm(policy.parameters(), cfg.optim.grad_clip)
-    opt.step()
-    sched.step()
+    env = distributed.Env(0, 0, 1, CPU, None)
+    up = train.update_policy(step, cfg, env, policy, ref, batch, r_hat, opt, sched)
+    n_micro, norms = up["n_micro"], [float(g) for g in up["grad_norms"]]
     groups = rewards.view(-1, G)
-    return {"loss": total, "grad_norm": gn, "train_accuracy": float((rewards >= 1).float().mean()),
+    return {**{k: float(v) / n_micro for k, v in up["sums"].items()}, "grad_norm": sum(norms) / len(norms),
+            "skipped": up["skipped"], "train_accuracy": float((rewards >= 1).float().mean()),
             "zero_std_groups": float((groups.max(-1).values == groups.min(-1).values).float().mean())}
 
 
-def make_config(args, algo: str, seed: int, **sections) -> config.Config:
-    """Trainer config of one run; ``algo`` is a method name ('flowrl-raw' is the 'flowrl' objective)."""
-    data = {"run": {"seed": seed}, "algo": {"name": algo.split("-")[0], "beta": args.beta},
+# FlowRL variants (issue 17's ablations): trainer [algo] overrides, and whether the loss sees the raw reward
+METHODS = {"flowrl": ({}, False), "grpo": ({}, False), "flowrl-raw": ({}, True),
+           "flowrl-noclip": ({"clip": [-1.0, -1.0]}, False),
+           "flowrl-seqmean": ({"importance": "sequence_mean"}, False), "flowrl-noweight": ({"importance": "none"}, False),
+           "flowrl-beta5": ({"beta": 5.0}, False), "flowrl-beta30": ({"beta": 30.0}, False)}
+SUMMARY_KEYS = ("exact_accuracy", "exact_eff_correct", "exact_entropy", "exact_kl", "exact_kl_fwd", "exact_malformed",
+                "train_is_clip_low_frac", "train_is_clip_high_frac", "train_is_log_w_abs", "train_delta_abs")
+# per-step trainer stats kept in the results (metrics.jsonl names): how off-policy each update was
+TRAIN_KEYS = ("is_clip_low_frac", "is_clip_high_frac", "is_log_w_abs", "is_clip_frac", "delta_abs", "grad_norm",
+              "train_accuracy")
+
+
+def parse_schedule(text: str) -> tuple:
+    """'ExM' -> (epochs E, mini-batches per rollout batch M): E * M optimizer updates per rollout batch."""
+    try:
+        e, m = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"schedule {text!r}: write EPOCHSxMINIBATCHES, e.g. 4x2") from None
+    if e < 1 or m < 1:
+        raise argparse.ArgumentTypeError(f"schedule {text!r}: epochs and mini-batches must be >= 1")
+    return e, m
+
+
+def schedule_of(run: dict) -> str:
+    return run.get("schedule", "1x1")  # runs saved before issue 17 made one update per batch
+
+
+def label(run: dict) -> str:
+    return run["algo"] if schedule_of(run) == "1x1" else f"{run['algo']} {schedule_of(run)}"
+
+
+def make_config(args, algo: str, seed: int, schedule: tuple = (1, 1), **sections) -> config.Config:
+    """Trainer config of one run; ``algo`` is a METHODS name (every 'flowrl-*' is the 'flowrl' objective),
+    ``schedule`` (epochs, mini-batches per rollout batch)."""
+    batch = args.prompts_per_step * args.group_size
+    epochs, n_mini = schedule
+    if batch % n_mini or (batch // n_mini) % args.group_size:
+        raise ValueError(f"--schedules {epochs}x{n_mini}: {n_mini} mini-batches must split the {batch} sequences "
+                         f"of a rollout batch into whole groups of {args.group_size}; pick a divisor of "
+                         f"--prompts-per-step ({args.prompts_per_step}).")
+    data = {"run": {"seed": seed}, "algo": {"name": algo.split("-")[0], "beta": args.beta, **METHODS[algo][0]},
             "optim": {"lr": args.lr, "grad_clip": 1.0}, "logz": {"lr": args.logz_lr},
             "rollout": {"prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
                         "max_new_tokens": args.max_new_tokens},
-            "train": {"micro_batch_size": args.micro_batch_size}}
+            "train": {"micro_batch_size": args.micro_batch_size, "epochs": epochs,
+                      "mini_batch_size": 0 if n_mini == 1 else batch // n_mini}}
     for k, v in sections.items():
         data.setdefault(k, {}).update(v)
     return config.build(data)
@@ -254,50 +286,62 @@ def run_tiny(args) -> dict:
                                                                          beta=args.beta, n=args.eval_samples),
                "ref_dists": ref_dists, "runs": []}
     print(f"[diversity] pi_ref: {fmt(results['ref'])}", flush=True)
-    for seed in args.seeds:
-        for algo in args.methods:
-            cfg = make_config(args, algo, seed, **sections)
-            policy, ref, tok = build_policy(cfg, lm_state)
-            opt, sched = train.build_optimizer(policy, cfg)
-            torch.manual_seed(1000 + seed)  # the rollouts' draws; same stream for both methods at step 0
-            per_step = cfg.rollout.prompts_per_step
-            order = torch.Generator().manual_seed(seed)
-            history = []
+    for schedule, seed, algo in itertools.product(args.schedules, args.seeds, args.methods):
+        cfg = make_config(args, algo, seed, schedule, **sections)
+        policy, ref, tok = build_policy(cfg, lm_state)
+        opt, sched = train.build_optimizer(policy, cfg)
+        torch.manual_seed(1000 + seed)  # the rollouts' draws; same stream for both methods at step 0
+        per_step = cfg.rollout.prompts_per_step
+        order = torch.Generator().manual_seed(seed)
+        history = []
 
-            def evaluate(step):
-                dists = answer_distributions(policy, tok, task, task.sums)
-                rec = {"step": step, **exact_metrics(dists, ref_dists, task, task.sums, beta=args.beta,
-                                                     n=args.eval_samples)}
-                with torch.random.fork_rng():
-                    torch.manual_seed(777 + seed)
-                    b = rollout.generate(policy, tok, [task.messages(s) for s in task.sums], n=args.eval_samples,
-                                         max_new_tokens=cfg.rollout.max_new_tokens, temperature=1.0, top_p=1.0,
-                                         top_k=0, device=CPU)
-                ans = [task.parse(r) for r in b.input_ids[:, b.prompt_len:].tolist()]
-                n = args.eval_samples
-                answers = [ans[i * n:(i + 1) * n] for i in range(len(task.sums))]
-                correct = [[task.correct(s, a) for a in row] for s, row in zip(task.sums, answers)]
-                rec.update(sampled_metrics(answers, correct))
-                history.append(rec)
-                return dists
+        def evaluate(step):
+            dists = answer_distributions(policy, tok, task, task.sums)
+            rec = {"step": step, **exact_metrics(dists, ref_dists, task, task.sums, beta=args.beta,
+                                                 n=args.eval_samples)}
+            with torch.random.fork_rng():
+                torch.manual_seed(777 + seed)
+                b = rollout.generate(policy, tok, [task.messages(s) for s in task.sums], n=args.eval_samples,
+                                     max_new_tokens=cfg.rollout.max_new_tokens, temperature=1.0, top_p=1.0,
+                                     top_k=0, device=CPU)
+            ans = [task.parse(r) for r in b.input_ids[:, b.prompt_len:].tolist()]
+            n = args.eval_samples
+            answers = [ans[i * n:(i + 1) * n] for i in range(len(task.sums))]
+            correct = [[task.correct(s, a) for a in row] for s, row in zip(task.sums, answers)]
+            rec.update(sampled_metrics(answers, correct))
+            history.append(rec)
+            return dists
 
-            evaluate(0)
-            for step in range(args.steps):
-                idx = torch.randint(len(task.sums), (per_step,), generator=order).tolist()
-                sums = [task.sums[i] for i in idx]
+        evaluate(0)
+        window, steps_all = [], []
+        for step in range(args.steps):
+            idx = torch.randint(len(task.sums), (per_step,), generator=order).tolist()
+            sums = [task.sums[i] for i in idx]
 
-                def score(batch, sums=sums):
-                    G = cfg.rollout.group_size
-                    resp = batch.input_ids[:, batch.prompt_len:].tolist()
-                    return torch.tensor([float(task.correct(sums[i // G], task.parse(r))) for i, r in enumerate(resp)])
+            def score(batch, sums=sums):
+                G = cfg.rollout.group_size
+                resp = batch.input_ids[:, batch.prompt_len:].tolist()
+                return torch.tensor([float(task.correct(sums[i // G], task.parse(r))) for i, r in enumerate(resp)])
 
-                rl_step(policy, ref, tok, opt, sched, cfg, [task.messages(s) for s in sums], score,
-                        raw_reward=algo == "flowrl-raw")
-                if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-                    dists = evaluate(step + 1)
-            results["runs"].append({"algo": algo, "seed": seed, "history": history, "final_dists": dists})
-            print(f"[diversity] {algo} seed {seed} ({time.perf_counter() - t0:.0f} s): {fmt(history[-1])}", flush=True)
+            st = rl_step(policy, ref, tok, opt, sched, cfg, [task.messages(s) for s in sums], score,
+                         raw_reward=METHODS[algo][1], step=step)
+            window.append(st)
+            if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+                dists = evaluate(step + 1)
+                history[-1].update(train_means(window))  # trainer stats over the steps since the last eval
+                steps_all += window
+                window = []
+        results["runs"].append({"algo": algo, "seed": seed, "schedule": "x".join(map(str, schedule)),
+                                "history": history, "train_mean": train_means(steps_all), "final_dists": dists})
+        print(f"[diversity] {label(results['runs'][-1])} seed {seed} ({time.perf_counter() - t0:.0f} s): "
+              f"{fmt(history[-1])}", flush=True)
     return results
+
+
+def train_means(steps: List[Dict[str, float]]) -> Dict[str, float]:
+    """Mean over training steps of each TRAIN_KEYS stat the method logs, prefixed 'train_'."""
+    keys = [k for k in TRAIN_KEYS if steps and k in steps[0]]
+    return {"train_" + k: sum(st[k] for st in steps) / len(steps) for k in keys}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -312,50 +356,51 @@ def run_countdown(args) -> dict:
                                       "operators": ["+", "-", "*"]}},
                     eval={"prompts": args.eval_prompts})
     results = {"setting": "countdown", "args": vars(args), "runs": []}
-    for seed in args.seeds:
-        for algo in args.methods:
-            cfg = make_config(args, algo, seed, **sections)
-            policy, ref, tok = build_policy(cfg)
-            opt, sched = train.build_optimizer(policy, cfg)
-            env = distributed.Env(0, 0, 1, CPU, None)
-            train_task, eval_task = tasks.build(cfg, "train"), tasks.build(cfg, "eval")
-            torch.manual_seed(1000 + seed)
-            history = []
+    for schedule, seed, algo in itertools.product(args.schedules, args.seeds, args.methods):
+        cfg = make_config(args, algo, seed, schedule, **sections)
+        policy, ref, tok = build_policy(cfg)
+        opt, sched = train.build_optimizer(policy, cfg)
+        env = distributed.Env(0, 0, 1, CPU, None)
+        train_task, eval_task = tasks.build(cfg, "train"), tasks.build(cfg, "eval")
+        torch.manual_seed(1000 + seed)
+        history = []
 
-            def evaluate(step):
-                probs = [eval_task[i] for i in range(args.eval_prompts)]
-                n = args.eval_samples
-                answers, correct = [], []
-                with torch.random.fork_rng():
-                    torch.manual_seed(777 + seed)
-                    for lo in range(0, len(probs), 4):
-                        chunk = probs[lo: lo + 4]
-                        b = rollout.generate(policy, tok, [eval_task.messages(p) for p in chunk], n=n,
-                                             max_new_tokens=cfg.rollout.max_new_tokens, temperature=1.0,
-                                             top_p=1.0, top_k=0, device=CPU)
-                        for j, p in enumerate(chunk):
-                            texts = b.texts[j * n:(j + 1) * n]
-                            # expressions that differ only in spacing are one answer
-                            answers.append([None if (a := tasks.extract_answer(t)) is None else "".join(a.split())
-                                            for t in texts])
-                            correct.append([eval_task.reward(p, t) >= 1.0 for t in texts])
-                history.append({"step": step, **sampled_metrics(answers, correct)})
+        def evaluate(step):
+            probs = [eval_task[i] for i in range(args.eval_prompts)]
+            n = args.eval_samples
+            answers, correct = [], []
+            with torch.random.fork_rng():
+                torch.manual_seed(777 + seed)
+                for lo in range(0, len(probs), 4):
+                    chunk = probs[lo: lo + 4]
+                    b = rollout.generate(policy, tok, [eval_task.messages(p) for p in chunk], n=n,
+                                         max_new_tokens=cfg.rollout.max_new_tokens, temperature=1.0,
+                                         top_p=1.0, top_k=0, device=CPU)
+                    for j, p in enumerate(chunk):
+                        texts = b.texts[j * n:(j + 1) * n]
+                        # expressions that differ only in spacing are one answer
+                        answers.append([None if (a := tasks.extract_answer(t)) is None else "".join(a.split())
+                                        for t in texts])
+                        correct.append([eval_task.reward(p, t) >= 1.0 for t in texts])
+            history.append({"step": step, **sampled_metrics(answers, correct)})
 
-            evaluate(0)
-            for step in range(args.steps):
-                problems = train.local_prompts(train_task, cfg, env, step)
+        evaluate(0)
+        for step in range(args.steps):
+            problems = train.local_prompts(train_task, cfg, env, step)
 
-                def score(batch, problems=problems):
-                    G = cfg.rollout.group_size
-                    return torch.tensor([train_task.reward(problems[i // G], t) for i, t in enumerate(batch.texts)])
+            def score(batch, problems=problems):
+                G = cfg.rollout.group_size
+                return torch.tensor([train_task.reward(problems[i // G], t) for i, t in enumerate(batch.texts)])
 
-                st = rl_step(policy, ref, tok, opt, sched, cfg, [train_task.messages(p) for p in problems], score,
-                             raw_reward=algo == "flowrl-raw")
-                print(f"[diversity] {algo} seed {seed} step {step + 1}: {fmt(st)}", flush=True)
-                if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-                    evaluate(step + 1)
-            results["runs"].append({"algo": algo, "seed": seed, "history": history})
-            print(f"[diversity] {algo} seed {seed} ({time.perf_counter() - t0:.0f} s): {fmt(history[-1])}", flush=True)
+            st = rl_step(policy, ref, tok, opt, sched, cfg, [train_task.messages(p) for p in problems], score,
+                         raw_reward=METHODS[algo][1], step=step)
+            print(f"[diversity] {algo} {schedule} seed {seed} step {step + 1}: {fmt(st)}", flush=True)
+            if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+                evaluate(step + 1)
+        results["runs"].append({"algo": algo, "seed": seed, "schedule": "x".join(map(str, schedule)),
+                                "history": history})
+        print(f"[diversity] {label(results['runs'][-1])} seed {seed} ({time.perf_counter() - t0:.0f} s): "
+              f"{fmt(history[-1])}", flush=True)
     return results
 
 
@@ -366,35 +411,89 @@ def fmt(rec: Dict[str, float]) -> str:
     return " ".join(f"{k}={v:.3g}" for k, v in rec.items() if isinstance(v, (int, float)) and k != "step")
 
 
-def table(results: dict) -> str:
-    """Markdown: final-step metrics, mean ± sample std over seeds, one row per method (+ pi_ref)."""
-    keys = [k for k in results["runs"][0]["history"][-1] if k != "step"]
+def final(run: dict) -> Dict[str, float]:
+    """A run's result: its last evaluation, with the trainer stats averaged over all of its steps."""
+    rec = {k: v for k, v in run["history"][-1].items() if k != "step" and not k.startswith("train_")}
+    return {**rec, **run.get("train_mean", {})}
+
+
+def t_quantile(df: int, q: float = 0.975) -> float:
+    """Student-t quantile (df >= 1) by bisection on the CDF, the CDF by Simpson's rule on the density
+    (no scipy here); |error| < 1e-6 for 0.5 <= q < 0.9995 (df 9, q 0.975: 2.2622)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf_above_half(x: float, n: int = 2000) -> float:  # P(T <= x) - 1/2 for x >= 0
+        h = x / n
+        f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        return h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 1.0
+    while cdf_above_half(hi) < q - 0.5:
+        hi *= 2
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf_above_half(mid) < q - 0.5 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired(diffs: Sequence[float]) -> str:
+    """'mean ± s.e. [95% t-interval] (# > 0 / n)', in bold where the interval excludes 0."""
+    n, m = len(diffs), statistics.mean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(n)
+    half = t_quantile(n - 1) * se
+    cell = f"{m:+.3f} ± {se:.3f} [{m - half:+.3f}, {m + half:+.3f}] ({sum(x > 0 for x in diffs)}/{n})"
+    return f"**{cell}**" if m - half > 0 or m + half < 0 else cell
+
+
+def contrasts(groups: Sequence[tuple], kind: str = "grpo") -> List[tuple]:
+    """Pairs ((schedule, method), (schedule, baseline)) of the (schedule, method) groups present.
+
+    kind 'grpo': every method against GRPO at its schedule. 'all' adds every FlowRL variant against
+    plain FlowRL at its schedule (what clipping, the GSPO ratio, beta change) and every method at each
+    off-policy schedule against itself on-policy (1x1: what the extra updates change)."""
+    have = set(groups)
+    pairs = [(g, (g[0], "grpo")) for g in groups if g[1] != "grpo" and (g[0], "grpo") in have]
+    if kind == "all":
+        pairs += [(g, (g[0], "flowrl")) for g in groups if g[1] not in ("flowrl", "grpo") and (g[0], "flowrl") in have]
+        pairs += [(g, ("1x1", g[1])) for g in groups if g[0] != "1x1" and ("1x1", g[1]) in have]
+    return pairs
+
+
+def table(results: dict, keys: Optional[Sequence[str]] = None, kind: str = "grpo") -> str:
+    """Markdown: final metrics, mean ± sample std over seeds, one row per method and update schedule
+    (+ pi_ref), then seed-paired differences (``contrasts(kind)``; default: each method - GRPO)."""
+    runs = results["runs"]
+    if keys is None:
+        keys = list(dict.fromkeys(k for r in runs for k in final(r)))
     lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     if "ref" in results:
         ref = results["ref"]
         lines.append("| pi_ref (init) | " + " | ".join(f"{ref[k]:.3f}" if k in ref else "" for k in keys) + " |")
-    for algo in dict.fromkeys(r["algo"] for r in results["runs"]):
-        finals = [r["history"][-1] for r in results["runs"] if r["algo"] == algo]
+    groups = list(dict.fromkeys((schedule_of(r), r["algo"]) for r in runs))
+    by_seed = {(schedule_of(r), r["algo"], r["seed"]): final(r) for r in runs}
+    name = {g: label({"schedule": g[0], "algo": g[1]}) for g in groups}
+    for g in groups:
+        finals = [f for (sch, algo, _), f in by_seed.items() if (sch, algo) == g]
         cells = []
         for k in keys:
-            v = [f[k] for f in finals]
+            v = [f[k] for f in finals if k in f]
             sd = statistics.stdev(v) if len(v) > 1 else 0.0
-            cells.append(f"{statistics.mean(v):.3f} ± {sd:.3f}")
-        lines.append(f"| {algo} (n={len(finals)}) | " + " | ".join(cells) + " |")
-    # Both methods share each seed's init, prompt order and log Z init, so the per-seed difference is the
-    # sharper comparison: mean ± standard error of (method - grpo), and in how many seeds the method is higher.
-    by_seed = {(r["algo"], r["seed"]): r["history"][-1] for r in results["runs"]}
-    for algo in dict.fromkeys(r["algo"] for r in results["runs"]):
-        seeds = [s for s in dict.fromkeys(r["seed"] for r in results["runs"])
-                 if algo != "grpo" and (algo, s) in by_seed and ("grpo", s) in by_seed]
+            cells.append(f"{statistics.mean(v):.3f} ± {sd:.3f}" if v else "")
+        lines.append(f"| {name[g]} (n={len(finals)}) | " + " | ".join(cells) + " |")
+    # Every run of one seed shares the init, the prompt order and the log Z init, so the per-seed difference
+    # is the sharper comparison: mean ± standard error of (a - b), its 95% t-interval (n - 1 degrees of
+    # freedom) and in how many seeds a is higher.
+    for a, b in contrasts(groups, kind):
+        seeds = [sd for (sch, algo, sd) in by_seed if (sch, algo) == a and (*b, sd) in by_seed]
         if len(seeds) < 2:
             continue
         cells = []
         for k in keys:
-            d = [by_seed[algo, s][k] - by_seed["grpo", s][k] for s in seeds]
-            se = statistics.stdev(d) / math.sqrt(len(d))
-            cells.append(f"{statistics.mean(d):+.3f} ± {se:.3f} ({sum(x > 0 for x in d)}/{len(d)})")
-        lines.append(f"| {algo} - grpo, paired (mean ± s.e., # seeds > 0) | " + " | ".join(cells) + " |")
+            d = [by_seed[(*a, sd)][k] - by_seed[(*b, sd)][k] for sd in seeds
+                 if k in by_seed[(*a, sd)] and k in by_seed[(*b, sd)]]
+            cells.append(paired(d) if len(d) == len(seeds) else "")
+        lines.append(f"| {name[a]} - {name[b]}, paired (mean ± s.e. [95% t-interval], # seeds > 0) | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -404,19 +503,23 @@ def plot(results: dict, out: Path, name: str) -> List[Path]:
     import matplotlib.pyplot as plt
     keys = ([("exact_accuracy", "accuracy (exact)"), ("exact_eff_correct", "effective # correct answers (exact)"),
              ("exact_kl", "KL(pi || p*) (exact, nats)"), ("distinct_correct", "distinct correct / 16 samples")]
-            if name == "tiny" else
+            if results["setting"] == "tiny" else
             [("accuracy", "Avg@n"), ("pass_at_n", "pass@n"), ("distinct_correct", "distinct correct"),
              ("answer_entropy", "answer entropy (nats)")])
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
+    schedules = list(dict.fromkeys(schedule_of(r) for r in results["runs"]))
     for ax, (k, title) in zip(axes, keys):
-        for algo in dict.fromkeys(r["algo"] for r in results["runs"]):
-            hs = [r["history"] for r in results["runs"] if r["algo"] == algo]
+        for lab in dict.fromkeys(label(r) for r in results["runs"]):
+            runs = [r for r in results["runs"] if label(r) == lab]
+            hs = [r["history"] for r in runs]
             steps = [h["step"] for h in hs[0]]
             vals = torch.tensor([[h[k] for h in hist] for hist in hs], dtype=torch.float64)
             m = vals.mean(0)
             sd = vals.std(0) if len(hs) > 1 else torch.zeros_like(m)
-            ax.plot(steps, m, color=COLORS.get(algo), label=f"{algo} (mean of {len(hs)})")
-            ax.fill_between(steps, m - sd, m + sd, color=COLORS.get(algo), alpha=0.2)
+            color, style = COLORS.get(runs[0]["algo"]), LINESTYLES[schedules.index(schedule_of(runs[0])) % 4]
+            ax.plot(steps, m, color=color, linestyle=style, label=f"{lab} (mean of {len(hs)})")
+            if len(schedules) == 1:  # bands only where they stay readable
+                ax.fill_between(steps, m - sd, m + sd, color=color, alpha=0.2)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         if k == "exact_kl":
@@ -426,13 +529,72 @@ def plot(results: dict, out: Path, name: str) -> List[Path]:
     paths = [out / f"diversity_{name}_curves.png"]
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
-    if name == "tiny":
-        paths.append(histogram(results, out, plt))
+    if results["setting"] == "tiny":
+        paths.append(histogram(results, out, plt, name))
+    if len(schedules) > 1:
+        paths += plot_schedules(results, out, name, plt)
     return paths
 
 
-def histogram(results: dict, out: Path, plt) -> Path:
-    """Answer distribution over the correct answers of one prompt: target p*, FlowRL and GRPO (first seed)."""
+def plot_schedules(results: dict, out: Path, name: str, plt) -> List[Path]:
+    """Final metrics vs updates per rollout batch (one line per method, mean ± s.e. over seeds; methods
+    run at one schedule only are points), and the trainer's importance-weight stats per step."""
+    runs = results["runs"]
+    schedules = sorted(dict.fromkeys(schedule_of(r) for r in runs), key=lambda t: math.prod(parse_schedule(t)))
+    xs = {sch: i for i, sch in enumerate(schedules)}
+    keys = [("exact_kl_fwd", "KL(p* || pi) (exact, nats)"), ("exact_eff_correct", "effective # correct (exact)"),
+            ("exact_accuracy", "accuracy (exact)"), ("exact_entropy", "answer entropy (exact, nats)")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6))
+    algos = list(dict.fromkeys(r["algo"] for r in runs))
+    for ax, (k, title) in zip(axes, keys):
+        for n_algo, algo in enumerate(algos):
+            pts = []
+            for sch in schedules:
+                v = [final(r)[k] for r in runs if r["algo"] == algo and schedule_of(r) == sch]
+                if v:
+                    se = statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else 0.0
+                    pts.append((xs[sch] + 0.04 * (n_algo - len(algos) / 2), statistics.mean(v), se))
+            x, m, e = zip(*pts)
+            ax.errorbar(x, m, yerr=e, color=COLORS.get(algo), marker="o", ms=4, capsize=2,
+                        linestyle="-" if len(pts) > 1 else "none", label=algo)
+        ax.set_xticks(range(len(schedules)))
+        ax.set_xticklabels(schedules)
+        ax.set_xlabel("epochs x mini-batches per rollout batch")
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    paths = [out / f"diversity_{name}_schedules.png"]
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    stats = [("train_is_clip_low_frac", "weight clipped low (frac. of seqs / tokens)"),
+             ("train_is_clip_high_frac", "weight clipped high (frac.)"), ("train_is_log_w_abs", "mean |log w|"),
+             ("train_delta_abs", "FlowRL |delta|")]
+    fig, axes = plt.subplots(1, len(stats), figsize=(4.2 * len(stats), 3.4))
+    for ax, (k, title) in zip(axes, stats):
+        # on-policy (1x1) runs are exactly 0 here: left out
+        for lab in dict.fromkeys(label(r) for r in runs
+                                 if r["algo"] in ("flowrl", "grpo") and schedule_of(r) != "1x1"):
+            rs = [r for r in runs if label(r) == lab and k in r["history"][-1]]
+            if not rs:
+                continue
+            steps = [h["step"] for h in rs[0]["history"][1:]]
+            m = torch.tensor([[h[k] for h in r["history"][1:]] for r in rs], dtype=torch.float64).mean(0)
+            ax.plot(steps, m, color=COLORS.get(rs[0]["algo"]),
+                    linestyle=LINESTYLES[schedules.index(schedule_of(rs[0])) % 4], label=lab)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(f"step (mean over the {results['args']['eval_every']} steps before)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / f"diversity_{name}_weights.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def histogram(results: dict, out: Path, plt, name: str = "tiny") -> Path:
+    """Answer distribution over the correct answers of one prompt: target p*, and every method of the
+    first update schedule (first seed)."""
     args = results["args"]
     if "hist_prompt" in results:  # loaded from a saved JSON: only the histogram prompt's dists are kept
         j, s = 0, results["hist_prompt"]
@@ -443,24 +605,24 @@ def histogram(results: dict, out: Path, plt) -> Path:
     correct = [y for y in ref if y != "<malformed>" and sum(map(int, y)) == s]
     z = sum(ref[y] for y in correct)
     correct.sort(key=lambda y: -ref[y])
-    seed = args["seeds"][0]
+    seed, sch = args["seeds"][0], schedule_of(results["runs"][0])
     series = [("p* ~ pi_ref(.|correct)", [ref[y] / z for y in correct], "0.5")]
     for r in results["runs"]:
-        if r["seed"] == seed:
+        if r["seed"] == seed and schedule_of(r) == sch:
             d = r["final_dists"][j]
-            series.append((f"{r['algo']} (acc {sum(d[y] for y in correct):.2f})", [d[y] for y in correct],
+            series.append((f"{label(r)} (acc {sum(d[y] for y in correct):.2f})", [d[y] for y in correct],
                            COLORS.get(r["algo"])))
     fig, ax = plt.subplots(figsize=(max(6, 0.13 * len(correct) * len(series)), 3.4))
     w = 0.8 / len(series)
-    for i, (label, v, c) in enumerate(series):
-        ax.bar([x + i * w for x in range(len(correct))], v, width=w, label=label, color=c)
+    for i, (lab, v, c) in enumerate(series):
+        ax.bar([x + i * w for x in range(len(correct))], v, width=w, label=lab, color=c)
     ax.set_xticks([x + 0.4 - w / 2 for x in range(len(correct))])
     ax.set_xticklabels(correct, rotation=90, fontsize=6)
     ax.set_ylabel("probability")
     ax.set_title(f"prompt 'sum {s}': probability of each correct answer (seed {seed}, final step)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = out / "diversity_tiny_hist.png"
+    path = out / f"diversity_{name}_hist.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -471,9 +633,15 @@ def parse_args(argv=None):
     p.add_argument("setting", choices=["tiny", "countdown"])
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="tiny: 0..9 (10 seeds, ~3 min on 2 idle cores), countdown: 0 1 (~40 min per seed)")
-    p.add_argument("--methods", nargs="+", default=["flowrl", "grpo"], choices=["flowrl", "grpo", "flowrl-raw"],
+    p.add_argument("--methods", nargs="+", default=["flowrl", "grpo"], choices=list(METHODS),
                    help="flowrl-raw: the FlowRL loss on the raw reward r instead of the group z-score r_hat "
-                        "(an ablation: its trajectory-balance target is exactly p*)")
+                        "(an ablation: its trajectory-balance target is exactly p*); flowrl-noclip: unclipped "
+                        "importance weights; flowrl-seqmean: the per-token-mean ratio (GSPO), same clip; "
+                        "flowrl-noweight: no importance weights (w = 1); "
+                        "flowrl-beta5 / -beta30: loss beta 5 / 30 (p* of the metrics keeps --beta)")
+    p.add_argument("--schedules", nargs="+", type=parse_schedule, default=[(1, 1)], metavar="ExM",
+                   help="update schedules: E epochs over each rollout batch, M mini-batches each (E * M optimizer "
+                        "updates per rollout batch; the rollout budget is the same). Default 1x1: on-policy")
     p.add_argument("--steps", type=int, default=None, help="tiny: 300, countdown: 24")
     p.add_argument("--lr", type=float, default=None, help="policy lr (tiny: 5e-4, countdown: 2e-5)")
     p.add_argument("--logz-lr", type=float, default=None, help="log Z head lr (tiny: 1e-2, countdown: 1e-3)")
@@ -494,6 +662,7 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--out", default="docs", help="folder for the JSON, table and PNGs")
+    p.add_argument("--name", default=None, help="output file stem diversity_<name> (default: the setting)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
                    help="train nothing: merge saved diversity_<setting>.json files (e.g. one per seed) and "
@@ -509,6 +678,7 @@ def parse_args(argv=None):
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    a.name = a.name or a.setting
     return a
 
 
@@ -524,10 +694,10 @@ def load_runs(paths: Sequence[str], setting: str) -> dict:
             merged = res
             merged["args"]["seeds"] = [r["seed"] for r in res["runs"]]
             continue
-        have = {(r["algo"], r["seed"]) for r in merged["runs"]}
+        have = {(r["algo"], schedule_of(r), r["seed"]) for r in merged["runs"]}
         for r in res["runs"]:
-            if (r["algo"], r["seed"]) in have:
-                raise ValueError(f"--from-json {path}: {r['algo']} seed {r['seed']} is already in an earlier file.")
+            if (r["algo"], schedule_of(r), r["seed"]) in have:
+                raise ValueError(f"--from-json {path}: {label(r)} seed {r['seed']} is already in an earlier file.")
             merged["runs"].append(r)
             merged["args"]["seeds"] = list(dict.fromkeys(merged["args"]["seeds"] + [r["seed"]]))
     return merged
@@ -537,17 +707,24 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
     if args.from_json:
         results = load_runs(args.from_json, args.setting)
     else:
         results = run_tiny(args) if args.setting == "tiny" else run_countdown(args)
+        # provenance: a torch-kernel rerun is a fresh draw of the float rounding (docs/diversity.md)
+        results.update(wall_s=time.perf_counter() - t0, threads=torch.get_num_threads(),
+                       kernels_impl=os.environ.get("FLOWRL_KERNELS_IMPL", "default"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     md = table(results)
-    (out / f"diversity_{args.setting}_table.md").write_text(md + "\n")
+    (out / f"diversity_{args.name}_table.md").write_text(md + "\n")
     print(md, flush=True)
+    if args.setting == "tiny":  # the columns docs/diversity.md quotes
+        summary = table(results, [k for k in SUMMARY_KEYS if any(k in final(r) for r in results["runs"])], "all")
+        (out / f"diversity_{args.name}_summary.md").write_text(summary + "\n")
     if not args.no_plots:
-        for path in plot(results, out, args.setting):
+        for path in plot(results, out, args.name):
             print(f"[diversity] wrote {path}", flush=True)
     # keep the committed JSON small: the full distributions only for the histogram's prompt
     if "ref_dists" in results and "hist_prompt" not in results:
@@ -556,7 +733,7 @@ def main(argv=None) -> dict:
         results["ref_dists"] = [results["ref_dists"][j]]
         for r in results["runs"]:
             r["final_dists"] = [r["final_dists"][j]]
-    (out / f"diversity_{args.setting}.json").write_text(json.dumps(results, indent=None))
+    (out / f"diversity_{args.name}.json").write_text(json.dumps(results, indent=None))
     return results
 
 
