@@ -310,6 +310,30 @@ def test_opcheck(impl, mask, device):
     torch.library.opcheck(torch.ops.flowrl_kernels.flowrl_loss_fwd.default, args)
 
 
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "torch"])
+def test_eager_twin_is_the_custom_op(impl, monkeypatch, device):
+    """Eager calls skip torch.library's dispatch (_EagerFlowRLLoss); its outputs and gradients are the
+    custom op's, bit for bit, and flowrl_loss never reaches the op outside torch.compile."""
+    logp, old, ref, log_z, rewards, m = make_inputs(5, 37, torch.bfloat16, device)
+    args = (math.pi, 0, math.log(0.8), math.log(1.2), impl, True)
+    g = torch.randn(5, device=device)
+    outs, grads = [], []
+    for f in (fl_mod._EagerFlowRLLoss.apply, fl_mod._fwd_op):
+        lp, lz = logp.detach().clone().requires_grad_(), log_z.detach().clone().requires_grad_()
+        out = f(lp, old, ref, lz, rewards, m, *args)
+        out[0].backward(g)
+        outs.append(out)
+        grads.append((lp.grad, lz.grad))
+    for a, b in zip(outs[0] + grads[0], outs[1] + grads[1]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+    def refuse(*a, **k):
+        raise AssertionError("the custom op ran in eager mode")
+    monkeypatch.setattr(fl_mod, "_fwd_op", refuse)
+    loss, _ = flowrl_loss(logp.detach().requires_grad_(), old, ref, log_z, rewards, m, impl=impl)
+    loss.backward()
+
+
 # ----------------------------------------------------------------------------------------------------
 # the authors' formula, step by step on hand-made numbers
 # ----------------------------------------------------------------------------------------------------

@@ -229,10 +229,7 @@ def _kernel_mask(mask: torch.Tensor, impl: str) -> torch.Tensor:
 _Stats7 = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-@torch.library.custom_op("flowrl_kernels::flowrl_loss_fwd", mutates_args=())
-def _fwd_op(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, log_z: torch.Tensor,
-            rewards: torch.Tensor, mask: torch.Tensor, beta: float, importance: int, log_lo: float,
-            log_hi: float, impl: str, has_ref: bool) -> _Stats7:
+def _fwd_impl(logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo, log_hi, impl, has_ref):
     """-> (per_seq, delta, weight, clipped, lp_bar, ref_bar, length), 7 float32 [B]."""
     logp, old_logp, ref_logp, mask = _rows(logp), _rows(old_logp), _rows(ref_logp), _kernel_mask(mask, impl)
     if impl == "triton":
@@ -242,19 +239,33 @@ def _fwd_op(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, 
                                    log_hi)
 
 
+@torch.library.custom_op("flowrl_kernels::flowrl_loss_fwd", mutates_args=())
+def _fwd_op(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, log_z: torch.Tensor,
+            rewards: torch.Tensor, mask: torch.Tensor, beta: float, importance: int, log_lo: float,
+            log_hi: float, impl: str, has_ref: bool) -> _Stats7:
+    """-> (per_seq, delta, weight, clipped, lp_bar, ref_bar, length), 7 float32 [B]."""
+    return _fwd_impl(logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo, log_hi, impl,
+                     has_ref)
+
+
 @_fwd_op.register_fake
 def _(logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo, log_hi, impl, has_ref):
     return tuple(logp.new_empty((logp.shape[0],), dtype=torch.float32) for _ in range(7))
+
+
+def _bwd_impl(grad_per_seq, delta, weight, length, mask, logp_dtype, impl):
+    """-> (grad_logp [B, T] in logp_dtype, grad_log_z [B] float32)."""
+    mask = _kernel_mask(mask, impl)
+    if impl == "triton":
+        return _flowrl_loss_bwd_triton(grad_per_seq, delta, weight, length, mask, logp_dtype)
+    return _flowrl_loss_bwd_native(grad_per_seq, delta, weight, length, mask, logp_dtype)
 
 
 @torch.library.custom_op("flowrl_kernels::flowrl_loss_bwd", mutates_args=())
 def _bwd_op(grad_per_seq: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, length: torch.Tensor,
             mask: torch.Tensor, logp_dtype: torch.dtype, impl: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """-> (grad_logp [B, T] in logp_dtype, grad_log_z [B] float32)."""
-    mask = _kernel_mask(mask, impl)
-    if impl == "triton":
-        return _flowrl_loss_bwd_triton(grad_per_seq, delta, weight, length, mask, logp_dtype)
-    return _flowrl_loss_bwd_native(grad_per_seq, delta, weight, length, mask, logp_dtype)
+    return _bwd_impl(grad_per_seq, delta, weight, length, mask, logp_dtype, impl)
 
 
 @_bwd_op.register_fake
@@ -270,16 +281,36 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(delta, weight, clipped, lp_bar, ref_bar, length)
 
 
-def _backward(ctx, grad_per_seq, *_unused):
+def _backward(ctx, grad_per_seq, *_unused, bwd=None):
     delta, weight, length, mask = ctx.saved_tensors
     if grad_per_seq is None:
         grad_per_seq = torch.zeros_like(delta)
-    grad_logp, grad_log_z = _bwd_op(grad_per_seq, delta, weight, length, mask, ctx.logp_dtype, ctx.impl)
+    grad_logp, grad_log_z = (bwd or _bwd_op)(grad_per_seq, delta, weight, length, mask, ctx.logp_dtype, ctx.impl)
     return (grad_logp, None, None, grad_log_z.to(ctx.log_z_dtype), None, None,
             None, None, None, None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerFlowRLLoss(torch.autograd.Function):
+    """Eager twin of the custom op (as token_logprobs has): the same kernels, context and backward,
+    without torch.library's per-call Python dispatch (argument default filling, redispatch, alias
+    checks: ~half of the public call's host time on a tiny input, bench/host_overhead.py).
+    torch.compile traces the custom op instead (flowrl_loss picks)."""
+
+    @staticmethod
+    def forward(ctx, logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo, log_hi, impl,
+                has_ref):
+        inputs = (logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo, log_hi, impl, has_ref)
+        out = _fwd_impl(*inputs)
+        _setup_context(ctx, inputs, out)
+        ctx.set_materialize_grads(False)  # only per_seq is differentiable; _backward zero-fills a None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_per_seq, *_unused):
+        return _backward(ctx, grad_per_seq, bwd=_bwd_impl)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -407,7 +438,8 @@ def flowrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
         return reference.flowrl_loss(logp, old_logp, ref_logp, log_z, rewards, mask, beta=float(beta),
                                      importance=importance, clip=clip, reduction=reduction)
 
-    per_seq, delta, weight, clipped, lp_bar, ref_bar, length = _fwd_op(
+    fwd = _fwd_op if torch.compiler.is_compiling() else _EagerFlowRLLoss.apply
+    per_seq, delta, weight, clipped, lp_bar, ref_bar, length = fwd(
         logp, old_logp, ref_logp, log_z, rewards, mask, float(beta), IMPORTANCE_CODES[importance], log_lo, log_hi,
         impl, True)
     if reduction == "mean":

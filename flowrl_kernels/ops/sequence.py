@@ -19,7 +19,8 @@ import torch
 
 from .. import reference
 from .._utils import check_same_device, check_same_shape, check_tensor, resolve_impl
-from .flowrl_loss import IMPORTANCE_CODES, LOGP_DTYPES, MASK_DTYPES, _fast_impl, _fwd_op, check_clip, check_logp_mask
+from .flowrl_loss import (IMPORTANCE_CODES, LOGP_DTYPES, MASK_DTYPES, _fast_impl, _fwd_impl, _fwd_op, check_clip,
+                          check_logp_mask)
 
 LEVELS = ("sequence", "sequence_mean", "token")
 
@@ -90,9 +91,11 @@ def importance_weights(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.T
     zeros = torch.zeros((1,), dtype=torch.float32, device=device).expand(B)  # log_z, rewards: unused
     lp = logp.detach()
     with torch.no_grad():
-        # ref_logp is not read (has_ref=False): logp stands in for it
-        _, _, weight, clipped, _, _, length = _fwd_op(lp, old_logp.detach(), lp, zeros, zeros, mask, 0.0,
-                                                      IMPORTANCE_CODES[level], log_lo, log_hi, impl, False)
+        # ref_logp is not read (has_ref=False): logp stands in for it. Eager: the kernels directly, without
+        # the custom op's per-call dispatch; torch.compile traces the op
+        fwd = _fwd_op if torch.compiler.is_compiling() else _fwd_impl
+        _, _, weight, clipped, _, _, length = fwd(lp, old_logp.detach(), lp, zeros, zeros, mask, 0.0,
+                                                  IMPORTANCE_CODES[level], log_lo, log_hi, impl, False)
         frac = clipped.sum() / (length != 0).sum().clamp(min=1)
     return weight, frac
 
