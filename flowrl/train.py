@@ -127,6 +127,16 @@ def update_policy(step, cfg, env, policy, ref, batch, r_hat, opt, sched):
                 trainer_old=trainer_old, first_logp=first_logp)
 
 
+def update_means(up: dict, device) -> dict:
+    """update_policy's stats as Python floats, in one host read: each stat's mean over the micro-batches
+    and ``grad_norm``, the mean over the optimizer steps of the pre-clipping norm."""
+    keys = sorted(up["sums"])
+    flat = torch.stack([up["sums"][k] for k in keys]
+                       + [g.to(device, torch.float64) for g in up["grad_norms"]]).tolist()
+    norms = flat[len(keys):]
+    return {**{k: v / up["n_micro"] for k, v in zip(keys, flat)}, "grad_norm": sum(norms) / len(norms)}
+
+
 def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) -> dict:
     # host syncs: one per phase boundary (the clocks must see the GPU work of their phase), one per
     # optimizer step (skip or not), one for the token counts and one for the statistics; none per micro-batch
@@ -143,33 +153,29 @@ def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) 
     distributed.synchronize(env.device)
     t_gen = time.perf_counter()
     up = update_policy(step, cfg, env, policy, ref, batch, r_hat, opt, sched)
-    sums, n_micro, grad_norms, skipped, t_lp = (up[k] for k in ("sums", "n_micro", "grad_norms", "skipped", "t_lp"))
-    trainer_old, first_logp, mask = up["trainer_old"], up["first_logp"], batch.response_mask
+    trainer_old, mask = up["trainer_old"], batch.response_mask
     distributed.synchronize(env.device)
     t_end = time.perf_counter()
 
     groups = rewards.view(-1, G)
     tokens = float(batch.attention_mask.sum())
-    keys = sorted(sums)
-    flat = torch.stack([sums[k] for k in keys] + [g.to(env.device, torch.float64) for g in grad_norms]).tolist()
-    record = {k: v / n_micro for k, v in zip(keys, flat)}
-    norms = flat[len(keys):]
+    record = update_means(up, env.device)
     record.update(reward_mean=float(rewards.mean()), reward_sq=float((rewards ** 2).mean()),
-                  accuracy=float((rewards >= 1.0).float().mean()), grad_norm=sum(norms) / len(norms),
+                  accuracy=float((rewards >= 1.0).float().mean()),
                   response_len=float(mask.sum(-1).float().mean()),
                   zero_std_groups=float((groups.max(-1).values == groups.min(-1).values).float().mean()))
     gap = {} if batch.sampler_logp is None else rollout.logp_mismatch(
-        batch.sampler_logp, trainer_old if trainer_old is not None else torch.cat(first_logp), mask)
+        batch.sampler_logp, trainer_old if trainer_old is not None else torch.cat(up["first_logp"]), mask)
     record.update({k: v for k, v in gap.items() if k.endswith("_mean")})
     record = distributed.mean_over_ranks(record, env.device)
     record.update({k: distributed.max_over_ranks(v, env.device) for k, v in gap.items() if k.endswith("_max")})
     if hasattr(sampler, "sync_time"):
         record["time_weight_sync"] = distributed.max_over_ranks(sampler.sync_time, env.device)
-    record["skipped"] = skipped
+    record["skipped"] = up["skipped"]
     record["reward_std"] = max(record.pop("reward_sq") - record["reward_mean"] ** 2, 0.0) ** 0.5
     step_time = distributed.max_over_ranks(t_end - t0, env.device)
     record.update(step=step + 1, lr=sched.get_last_lr()[0], step_time=step_time,
-                  time_generate=t_gen - t0, time_logprobs=t_lp - t_gen, time_update=t_end - t_lp,
+                  time_generate=t_gen - t0, time_logprobs=up["t_lp"] - t_gen, time_update=t_end - up["t_lp"],
                   tokens_per_s=tokens * env.world_size / step_time,
                   peak_memory_mb=distributed.max_over_ranks(peak_memory_mb(env.device), env.device))
     metrics.step(record)

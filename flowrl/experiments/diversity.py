@@ -172,10 +172,8 @@ def rl_step(policy, ref, tok, opt, sched, cfg: config.Config, messages: List[lis
     r_hat = rewards if raw_reward else algorithms.normalized_rewards(rewards, G)
     env = distributed.Env(0, 0, 1, CPU, None)
     up = train.update_policy(step, cfg, env, policy, ref, batch, r_hat, opt, sched)
-    n_micro, norms = up["n_micro"], [float(g) for g in up["grad_norms"]]
     groups = rewards.view(-1, G)
-    return {**{k: float(v) / n_micro for k, v in up["sums"].items()}, "grad_norm": sum(norms) / len(norms),
-            "skipped": up["skipped"], "train_accuracy": float((rewards >= 1).float().mean()),
+    return {**train.update_means(up, CPU), "skipped": up["skipped"], "train_accuracy": float((rewards >= 1).float().mean()),
             "zero_std_groups": float((groups.max(-1).values == groups.min(-1).values).float().mean())}
 
 
