@@ -235,3 +235,26 @@ def test_kernels_match_pins(impl, batch, name):
     for i, what in ((0, "loss"), (2, "grad_logp"), (3, "grad_log_z")):
         assert_no_worse_than_torch(out[i], ref64[i], tor[i], name=what)
     assert_no_worse_than_torch(out[1]["weight"], ref64[1]["weight"], tor[1]["weight"], name="weight")
+
+
+@pytest.mark.parametrize("empty", ["zero", "logz"])
+def test_compiled_op_takes_the_empty_rule(empty):
+    """Under torch.compile flowrl_loss goes through the custom op (its schema carries the rule): same
+    loss and gradients as eager, on a batch with an empty response."""
+    impl = "native" if native_has("flowrl_loss_fwd", DEVICE) else "triton"
+    f = lambda x, dt=torch.float32: torch.tensor(x, dtype=dt, device=DEVICE)  # noqa: E731
+    b = EMPTY
+
+    def step(logp, log_z):
+        return flowrl_loss(logp, f(b["old"]), f(b["ref"]), log_z, f(b["r_hat"]), f(b["mask"], torch.bool),
+                           beta=BETA, impl=impl, empty=empty)[0]
+    torch._dynamo.reset()
+    results = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        logp, log_z = f(b["logp"]).requires_grad_(), f(b["log_z"]).requires_grad_()
+        loss = fn(logp, log_z)
+        loss.backward()
+        results.append((loss.detach(), logp.grad, log_z.grad))
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
+    assert (float(results[0][2][1]) != 0) == (empty == "logz")  # the empty row's log Z gradient
