@@ -4,8 +4,9 @@
 
 Precedence: dataclass defaults < the FlowRL preset named by ``algo.preset`` (flowrl/presets.py: a set of
 field values; the defaults are the ``paper`` preset's) < the TOML file (default:
-flowrl/configs/default.toml) < CLI overrides ``--section.key=value`` (or ``--section.key value``). A CLI value is read as a TOML value when it
-parses as one (``3``, ``1e-5``, ``true``, ``[0.8, 1.2]``, ``{min_terms = 2}``), else as a string.
+flowrl/configs/default.toml) < CLI overrides ``--section.key=value`` (or ``--section.key value``).
+A CLI value is read as a TOML value when it parses as one (``3``, ``1e-5``, ``true``, ``[0.8, 1.2]``,
+``{min_terms = 2}``), else as a string.
 Every field is type-checked and every section validates itself in ``__post_init__``: an unknown key or
 a bad value raises ``ConfigError`` naming the key and the fix, before any model is built.
 ``python flowrl/train.py --help`` lists every field with its docstring (read from this file).
