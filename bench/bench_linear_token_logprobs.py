@@ -20,7 +20,8 @@ Providers ("+H" = also returns the entropy, with its gradient):
   liger, cce                                  Liger fused_linear_cross_entropy and Cut Cross-Entropy with
                                               reduction="none": -logp only (no entropy, no temperature)
   liger-sm90                                  Liger >= 0.8's SM90 CuTe-DSL backend of the same op (Hopper+)
-  quack-linear                                QuACK's chunked linear cross-entropy (CuTe DSL, Hopper+)
+  quack-linear                                QuACK's chunked linear cross-entropy (CuTe DSL, Hopper+):
+                                              reduction="sum" (it has no per-token output)
 Shapes: the models of common.MODELS at N0, plus Liger's own published shape (M=4096, H=4096,
 V=131072: "liger-shape"), so our number sits beside theirs on it.
 """
@@ -87,13 +88,18 @@ def provider(name: str) -> Provider:
         return Provider(lambda hidden, weight, labels: f(hidden, weight, labels, ignore_index=IGNORE,
                                                          reduction="none"),
                         note="-logp only, no entropy, no temperature", skip_on_error=True)
-    if name in ("liger-sm90", "quack-linear"):
-        f = peers.liger_fused_linear_cross_entropy_sm90() if name == "liger-sm90" else peers.quack_linear_cross_entropy()
-
-        def run(hidden, weight, labels):
-            out = f(hidden, weight, labels, ignore_index=IGNORE, reduction="none")
-            return out[0] if isinstance(out, tuple) else out  # Liger's backend returns (loss, z_loss, ...)
-        return Provider(run, note="-logp only, no entropy, no temperature", skip_on_error=True)
+    if name == "liger-sm90":
+        f = peers.liger_fused_linear_cross_entropy_sm90()
+        # the backend returns (loss, z_loss, token accuracy, predicted tokens)
+        return Provider(lambda hidden, weight, labels: f(hidden, weight, labels, ignore_index=IGNORE,
+                                                         reduction="none")[0],
+                        note="-logp only, no entropy, no temperature", skip_on_error=True)
+    if name == "quack-linear":
+        f = peers.quack_linear_cross_entropy()
+        return Provider(lambda hidden, weight, labels: f(hidden, weight, labels, ignore_index=IGNORE,
+                                                         reduction="sum"),
+                        note="summed -logp only (no per-token output), no entropy, no temperature",
+                        skip_on_error=True)
     if name == "cce":
         f = peers.cut_cross_entropy()
         return Provider(lambda hidden, weight, labels: f(hidden, weight, labels, ignore_index=IGNORE,

@@ -124,10 +124,11 @@ def _need_sm90(name: str):
 
 
 def liger_fused_linear_cross_entropy_sm90():
-    """Liger's SM90 CuTe-DSL fused lm_head (Liger-Kernel >= 0.8: the ``nvidia-cutedsl`` backend of
-    ``fused_linear_cross_entropy``, cuBLAS matmuls + a CuTe online-softmax CE) -> per-token -logp with
-    reduction="none". Called through the backend's own entry point so the Triton fallback can never
-    stand in for it under this name."""
+    """Liger's SM90 CuTe-DSL fused lm_head (Liger-Kernel 0.8.5: the ``nvidia-cutedsl`` backend of
+    ``fused_linear_cross_entropy``, cuBLAS matmuls + a CuTe online-softmax CE; needs the ``cutedsl``
+    extra: nvidia-cutlass-dsl, apache-tvm-ffi) -> (per-token -logp with reduction="none", ...).
+    Called through the backend's own entry point so the Triton fallback never stands in for it under
+    this name. (Liger's separate ``liger-cute-kernels`` package, extra "lck", is not covered.)"""
     _need_sm90("Liger-Kernel SM90 (CuTe DSL) fused_linear_cross_entropy")
     try:
         from liger_kernel.ops.backends._cutedsl.fused_linear_cross_entropy import (
@@ -150,18 +151,14 @@ def quack_cross_entropy():
 
 
 def quack_linear_cross_entropy():
-    """QuACK's chunked linear cross-entropy (lm_head + CE without the full logits), where the installed
-    quack-kernels has one: ``quack.linear_cross_entropy.linear_cross_entropy(x, weight, target, ...)``
-    or the same name in ``quack.cross_entropy``; -> per-token -logp with reduction="none"."""
-    _need_sm90("QuACK linear_cross_entropy")
-    errs = []
-    for mod in ("quack.linear_cross_entropy", "quack.cross_entropy", "quack"):
-        try:
-            f = getattr(importlib.import_module(mod), "linear_cross_entropy", None)
-        except Exception as e:
-            errs.append(f"{mod}: {type(e).__name__}: {e}")
-            continue
-        if f is not None:
-            return f
-        errs.append(f"{mod}: no linear_cross_entropy")
-    raise Unavailable("quack-kernels has no linear_cross_entropy here (" + "; ".join(errs)[:300] + ")")
+    """QuACK's chunked linear cross-entropy (quack-kernels 0.6: ``quack.linear_cross_entropy.
+    chunked_linear_cross_entropy(x, weight, target, chunk_size=4096, ignore_index=, reduction=)``; the
+    SM90 bf16 "scaled-exp" fused-backward pipeline is picked automatically where eligible). It has no
+    per-token output: reduction is "mean" or "sum" only."""
+    _need_sm90("QuACK chunked_linear_cross_entropy")
+    try:
+        from quack.linear_cross_entropy import chunked_linear_cross_entropy
+    except Exception as e:
+        raise Unavailable(f"quack-kernels' linear_cross_entropy not importable ({type(e).__name__}: {e}); "
+                          "pip install quack-kernels (needs nvidia-cutlass-dsl)") from None
+    return chunked_linear_cross_entropy

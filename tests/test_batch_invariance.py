@@ -39,10 +39,15 @@ def _assert_invariant(rec):
 
 
 # ---- bitwise, on the CPU ---------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("temperature, entropy", [(1.0, True), (0.7, False), (0.7, True)])
-def test_token_logprobs_triton(dtype, temperature, entropy):
-    _assert_invariant(BI.check_case("token_logprobs", "triton", dtype, CPU, NS, V_ODD, 0, 3, temperature, entropy))
+# the interpreter runs ~ms per program: N up to 129 for every case, N=1000 once
+@pytest.mark.parametrize("dtype, temperature, entropy, ns", [
+    (torch.bfloat16, 1.0, True, NS[:-1]),
+    (torch.float32, 0.7, False, NS[:-1]),
+    (torch.bfloat16, 0.7, True, (1, 7, 64)),
+    (torch.float32, 1.0, True, (1, 1000)),
+])
+def test_token_logprobs_triton(dtype, temperature, entropy, ns):
+    _assert_invariant(BI.check_case("token_logprobs", "triton", dtype, CPU, ns, V_ODD, 0, 3, temperature, entropy))
 
 
 @pytest.mark.skipif(not native_available(), reason="native extension not built")
@@ -56,9 +61,9 @@ def test_token_logprobs_native(dtype, temperature, entropy):
 
 
 @pytest.mark.parametrize("dtype, temperature, entropy, ns", [
-    (torch.bfloat16, 1.0, True, NS[:-1]),
-    (torch.float32, 0.7, True, NS[:-1]),
-    (torch.bfloat16, 0.7, False, (1, 3, 64)),
+    (torch.bfloat16, 1.0, True, (1, 2, 3, 7, 64)),
+    (torch.float32, 0.7, True, (1, 3, 129)),
+    (torch.bfloat16, 0.7, False, (1, 64)),
     (torch.float32, 1.0, True, (1, 1000)),
 ])
 def test_linear_token_logprobs_triton(dtype, temperature, entropy, ns):

@@ -12,6 +12,8 @@ into four running row statistics: max m, s = sum e^(x-m), u = sum (x-m) e^(x-m) 
 The splits give parallelism when N is small (one row block, 151936 vocab: 5+ programs per row block);
 a tiny merge kernel combines the 4 * splits * N partial floats. u is kept relative to the max so the
 entropy log(s) - u/s never subtracts two large numbers (lse - E[x] cancels when |x| ~ 1e3).
+Batch invariance (default, docs/batch_invariance.md): the tile and the split boundaries depend on V,
+the dtype, the config entry and the SM count, never on N, so a row's arithmetic is the same in any batch.
 
 Backward: chunked. N <= V (an RL micro-batch below the vocab size): over vocab chunks; for each
 chunk [v0, v1) a Triton kernel recomputes the logits tiles of all N rows and writes dlogits
@@ -793,8 +795,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         for both outputs.
 
     Memory (N tokens), beyond inputs, outputs and gradients:
-        Triton forward: 4 * splits * N + 2 * N float32 (splits <= ~2 * SMs / row blocks; saved lse,
-        entropy). Triton backward: one dlogits workspace of chunk_size * V * itemsize bytes (64 MiB by
+        Triton forward: 4 * splits * N + 2 * N float32 (splits <= SMs, independent of N for batch
+        invariance: docs/batch_invariance.md; saved lse, entropy). Triton backward: one dlogits workspace of chunk_size * V * itemsize bytes (64 MiB by
         default for N <= V, 512 MiB above; at least N * V / 32 elements) + V float32 for the bias grad,
         + an fp32 accumulator for 16-bit inputs when there are several chunks (N * H * 4 bytes for dH
         over vocab chunks, V * H * 4 for dW over row chunks). Exact: every dlogit enters the matmuls
