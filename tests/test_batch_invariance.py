@@ -159,3 +159,32 @@ def test_token_logprobs_launch_is_n_independent(monkeypatch, V):
         # stride of a [N, V] view are N-free: [1, N] with strides (0, V))
         seen.add((tuple(args[6:]), tuple(sorted(kw.items()))))
     assert len(rec.calls) == 7 and len(seen) == 1, seen
+
+
+def test_trainer_path_launches_invariantly(monkeypatch):
+    """The trainer's log-probs (flowrl_kernels.hf.response_logprobs -> linear_token_logprobs, what
+    flowrl/model.py calls for the old, reference and current log-probs) reach the fused lm_head with a
+    different N per micro-batch, and every launch has the same arithmetic parameters: the invariance is
+    on by default, with nothing for the trainer to pass."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from flowrl_kernels.hf import response_logprobs
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(cfg).eval()
+    seen = []
+    real = L._fwd_launch
+    monkeypatch.setattr(L, "_fwd_launch", lambda N, V, dtype, device: seen.append(dict(
+        real(N, V, dtype, device), N=N)) or seen[-1])
+    ids = torch.randint(0, 97, (3, 9))
+    am = torch.ones_like(ids)
+    rm = torch.zeros_like(ids)
+    rm[:, 5:] = 1
+    rm[2, 7:] = 0
+    with torch.no_grad():
+        for b in (slice(0, 1), slice(0, 3)):  # a micro-batch of one sequence, then of three
+            response_logprobs(lm, ids[b], am[b], rm[b], temperature=0.7, return_entropy=True, impl="triton")
+    assert [c["N"] for c in seen] == [4, 10]  # the response tokens scored per micro-batch
+    assert len({tuple(c[k] for k in L._ARITHMETIC) for c in seen}) == 1
