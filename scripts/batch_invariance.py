@@ -41,6 +41,7 @@ from flowrl_kernels.ops import linear_token_logprobs as L  # noqa: E402
 
 # batch sizes per size; V odd (no multiple of a tile or vector width), H odd-ish
 SIZES = {
+    "dry": dict(Ns=(1, 3, 64), V=301, H=24, P=3),  # the lane's CPU dry run: the plumbing, in seconds
     "tiny": dict(Ns=(1, 2, 3, 7, 64, 129), V=1001, H=40, P=4),
     "cuda": dict(Ns=(1, 2, 3, 7, 64, 129, 1000, 4099), V=50257, H=1024, P=6),
 }

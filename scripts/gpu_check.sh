@@ -70,8 +70,8 @@ if [ "$DRY_RUN" = 1 ]; then
   # reference providers alone overran gpu.sh's 70-90 s parts on 2 cores)
   export FLOWRL_BENCH_N=64 FLOWRL_BENCH_LINEAR_N=16 FLOWRL_BENCH_LOSS_BT=8x64 FLOWRL_BENCH_BUDGET_S=0.05
   export BENCH_K=${BENCH_K:-native}
-  LIM_BUILD=400 LIM_TESTS=240 LIM_TRAIN=240 LIM_DET=120 LIM_RESUME=400 LIM_NATIVE=240 LIM_BENCH=240 LIM_BI=240
-  export BI_ARGS=${GPU_CHECK_BI_ARGS:---size tiny --impl triton,native --dtypes fp32}
+  LIM_BUILD=400 LIM_TESTS=240 LIM_TRAIN=240 LIM_DET=120 LIM_RESUME=400 LIM_NATIVE=240 LIM_BENCH=240 LIM_BI=120
+  export BI_ARGS=${GPU_CHECK_BI_ARGS:---size dry --impl triton,native --dtypes fp32}
 else
   unset TRITON_INTERPRET
   export TRAIN_STEPS=5 TRAIN_DEVICE=cuda
