@@ -146,7 +146,8 @@ def quack_cross_entropy():
     try:
         from quack.cross_entropy import cross_entropy
     except Exception as e:
-        raise Unavailable(f"quack-kernels not importable ({type(e).__name__}: {e}); pip install quack-kernels") from None
+        raise Unavailable(f"quack-kernels not importable ({type(e).__name__}: {e}); "
+                          "pip install quack-kernels") from None
     return cross_entropy
 
 

@@ -179,7 +179,8 @@ def main(argv=None) -> int:
                     failed += not ok
                     rec["ok"] = ok
                     cases.append(rec)
-                    what = rec.get("unsupported") or f"{rec['mismatches']} outputs differ over {rec['probes_checked']} probes"
+                    what = rec.get("unsupported") or (f"{rec['mismatches']} outputs differ over "
+                                                      f"{rec['probes_checked']} probes")
                     print(f"{'ok  ' if ok else 'FAIL'} {op} impl={impl} {rec['dtype']} T={temperature} "
                           f"entropy={entropy} ({'promised' if rec['promised'] else 'report'}): {what}", flush=True)
     timing = time_linear(device, (1, 64, 1024, 8192), 152064, 3584) if args.time and cuda else []

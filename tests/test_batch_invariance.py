@@ -104,7 +104,8 @@ def test_linear_launch_arithmetic_is_n_independent(monkeypatch, arch, sms, dtype
     seen = {tuple(launch(N, V, dtype)[k] for k in L._ARITHMETIC) for N in NS_LAUNCH}
     assert len(seen) == 1, seen
     cfg = launch(8192, V, dtype)
-    assert cfg["n_splits"] * cfg["tiles_per_split"] >= -(-V // cfg["BLOCK_V"]) > (cfg["n_splits"] - 1) * cfg["tiles_per_split"]
+    tiles, splits, per = -(-V // cfg["BLOCK_V"]), cfg["n_splits"], cfg["tiles_per_split"]
+    assert splits * per >= tiles > (splits - 1) * per  # every tile in one split, no empty split
     assert cfg["n_splits"] <= sms  # the workspace stays 4 * splits * N <= 4 * SMs * N floats
 
 

@@ -795,8 +795,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         for both outputs.
 
     Memory (N tokens), beyond inputs, outputs and gradients:
-        Triton forward: 4 * splits * N + 2 * N float32 (splits <= SMs, independent of N for batch
-        invariance: docs/batch_invariance.md; saved lse, entropy). Triton backward: one dlogits workspace of chunk_size * V * itemsize bytes (64 MiB by
+        Triton forward: 4 * splits * N + 2 * N float32 (splits <= SMs, N-free for batch invariance; saved lse,
+        entropy). Triton backward: one dlogits workspace of chunk_size * V * itemsize bytes (64 MiB by
         default for N <= V, 512 MiB above; at least N * V / 32 elements) + V float32 for the bias grad,
         + an fp32 accumulator for 16-bit inputs when there are several chunks (N * H * 4 bytes for dH
         over vocab chunks, V * H * 4 for dW over row chunks). Exact: every dlogit enters the matmuls

@@ -251,7 +251,8 @@ def _as_3d(t: torch.Tensor, inner: int) -> Optional[torch.Tensor]:
     # dims), not 0. Triton specializes the kernel on each stride's divisibility by 16, which sets the
     # vector width of the row loads and with it the order of the BLOCK_V-lane sums: with stride 0 a
     # single row of an odd-V tensor got the aligned variant and a batched one not (batch invariance).
-    dims = [(int(s), int(st)) for s, st in zip(lead, t.stride()[: len(lead)]) if s != 1] or [(1, int(t.stride()[len(lead) - 1]))]
+    dims = ([(int(s), int(st)) for s, st in zip(lead, t.stride()[: len(lead)]) if s != 1]
+            or [(1, int(t.stride()[len(lead) - 1]))])
     merged = [dims[-1]]
     for s, st in reversed(dims[:-1]):
         ms, mst = merged[0]
