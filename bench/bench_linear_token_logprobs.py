@@ -19,6 +19,11 @@ Providers ("+H" = also returns the entropy, with its gradient):
   compile                                     torch.compile of the reference
   liger, cce                                  Liger fused_linear_cross_entropy and Cut Cross-Entropy with
                                               reduction="none": -logp only (no entropy, no temperature)
+  liger-sm90                                  Liger >= 0.8's SM90 CuTe-DSL backend of the same op (Hopper+)
+  quack-linear                                QuACK's chunked linear cross-entropy (CuTe DSL, Hopper+):
+                                              reduction="sum" (it has no per-token output)
+Shapes: the models of common.MODELS at N0, plus Liger's own published shape (M=4096, H=4096,
+V=131072: "liger-shape"), so our number sits beside theirs on it.
 """
 import os
 
@@ -39,14 +44,17 @@ N0 = int(os.environ.get("FLOWRL_BENCH_LINEAR_N", 8192 if ON_GPU else 16))
 # CPU: Llama-3-8B is left out of the fused linear (its H and V lie between the other two; each of its
 # cases took ~15 s on 1 core and the CPU suite must stay under 10 minutes).
 SHAPES = [Shape(m, N0, h, v) for m, (h, v) in MODELS.items() if ON_GPU or m != "llama3-8b"]
+# Liger's published SM90 shape (M=4096, H=4096, V=131072 on an H200: 24.87 ms fwd + bwd)
+LIGER_SHAPE = Shape("liger-shape", 4096, 4096, 131072)
 if ON_GPU:
     SHAPES += [Shape("qwen2.5-7b", n, *MODELS["qwen2.5-7b"], modes=("full",)) for n in (N0 // 2, N0 * 2)]
+    SHAPES += [LIGER_SHAPE]
 else:
     SHAPES += [Shape("smollm2-135m", n, *MODELS["smollm2-135m"], modes=("full",)) for n in (128, 384, 768)]
 TEMPERATURE = 1.0
 IGNORE = -100
 PROVIDERS = ["triton", "triton+H", "native", "native+H", "torch", "torch+H", "reference", "reference+H", "lm_head",
-             "lm_head-plain", "compile", "liger", "cce"]
+             "lm_head-plain", "compile", "liger", "liger-sm90", "quack-linear", "cce"]
 
 
 def provider(name: str) -> Provider:
@@ -80,6 +88,18 @@ def provider(name: str) -> Provider:
         return Provider(lambda hidden, weight, labels: f(hidden, weight, labels, ignore_index=IGNORE,
                                                          reduction="none"),
                         note="-logp only, no entropy, no temperature", skip_on_error=True)
+    if name == "liger-sm90":
+        f = peers.liger_fused_linear_cross_entropy_sm90()
+        # the backend returns (loss, z_loss, token accuracy, predicted tokens)
+        return Provider(lambda hidden, weight, labels: f(hidden, weight, labels, ignore_index=IGNORE,
+                                                         reduction="none")[0],
+                        note="-logp only, no entropy, no temperature", skip_on_error=True)
+    if name == "quack-linear":
+        f = peers.quack_linear_cross_entropy()
+        return Provider(lambda hidden, weight, labels: f(hidden, weight, labels, ignore_index=IGNORE,
+                                                         reduction="sum"),
+                        note="summed -logp only (no per-token output), no entropy, no temperature",
+                        skip_on_error=True)
     if name == "cce":
         f = peers.cut_cross_entropy()
         return Provider(lambda hidden, weight, labels: f(hidden, weight, labels, ignore_index=IGNORE,

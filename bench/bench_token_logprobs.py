@@ -13,6 +13,8 @@ Providers ("+H" = also returns the entropy, with its gradient):
   trl, trl+H                                  TRL selective_log_softmax / selective_log_softmax_and_entropy
   liger, flash-attn                           cross-entropy kernels with reduction="none": they return
                                               -logp only (no entropy), which is what they are used for.
+  quack                                       QuACK cross_entropy (CuTe DSL, Hopper+), reduction="none":
+                                              -logp only
 """
 import os
 
@@ -37,7 +39,7 @@ if not ON_GPU:
 TEMPERATURE = 1.0  # the peers without a temperature argument (Liger) are only exact at T = 1
 IGNORE = -100
 PROVIDERS = ["triton", "triton+H", "native", "native+H", "torch", "plain", "plain+H", "reference", "reference+H",
-             "compile", "trl", "trl+H", "liger", "flash-attn"]
+             "compile", "trl", "trl+H", "liger", "flash-attn", "quack"]
 
 
 
@@ -78,6 +80,11 @@ def provider(name: str) -> Provider:
         f = peers.flash_attn_cross_entropy()
         return Provider(lambda logits, labels: f(logits, labels, logit_scale=1.0 / TEMPERATURE,
                                                  ignore_index=IGNORE)[0],
+                        note="-logp only, no entropy", skip_on_error=True)
+    if name == "quack":
+        f = peers.quack_cross_entropy()
+        return Provider(lambda logits, labels: f(logits if TEMPERATURE == 1.0 else logits / TEMPERATURE, labels,
+                                                 ignore_index=IGNORE, reduction="none"),
                         note="-logp only, no entropy", skip_on_error=True)
     raise ValueError(name)
 

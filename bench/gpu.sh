@@ -96,8 +96,8 @@ log "ceilings: copy ${FLOWRL_BENCH_COPY_GBPS} GB/s, matmul ${FLOWRL_BENCH_MATMUL
 #    torch.compile: its compile alone overran a part on 2026-11-28); then the small micro-batches
 #    (host overhead), the loss, the other models, the N sweep, the slow providers, the train step.
 #    Caps come from the first H200 run (~0.5-1 s per case with the device clock, + 10-20 s of start-up:
-#    imports, the Triton JIT of our kernels and of the peers'). Parts 1-8 fit the default 520 s; the
-#    rest is for a second call (BENCH_PARTS="9 10 11 12 13 14 15").
+#    imports, the Triton JIT of our kernels and of the peers'). Parts 1-8 fit the default 520 s before
+#    part 7 (Liger's shape) was added; the rest is for a second call (BENCH_PARTS="10 11 12 13 14 15 16").
 CARD=$($PY -c "import torch,re; print(re.sub('[^a-z0-9]+','-',torch.cuda.get_device_name().lower()).strip('-') if torch.cuda.is_available() else 'cpu')")
 STAMP=$(date -u +%Y%m%d-%H%M)
 HT="qwen2.5-7b-N$N0"
@@ -152,6 +152,9 @@ part "token_logprobs headline full"     token_logprobs        "$HT-full and $FAS
 part "fused lm_head headline forward"   linear_token_logprobs "$HL-forward and $FAST"  60
 part "fused lm_head headline backward"  linear_token_logprobs "$HL-backward and $FAST" 70
 part "fused lm_head headline full"      linear_token_logprobs "$HL-full and $FAST"     80
+# Liger's own published shape (M=4096, H=4096, V=131072), our number beside theirs; cap by arithmetic
+# (issue 24 added it without a GPU: ~10 fast providers x 3 modes at ~1 s each + start-up)
+part "fused lm_head Liger's shape"      linear_token_logprobs "liger-shape and $FAST"  70
 part "token_logprobs small N (host overhead)" token_logprobs  "(qwen2.5-7b-N256- or qwen2.5-7b-N1024-) and $FAST" 50
 part "flowrl_loss"                      flowrl_loss           ""                       40
 part "token_logprobs other models"      token_logprobs        "(smollm2 or llama3) and $FAST" 60

@@ -108,3 +108,58 @@ def cut_cross_entropy():
     except Exception as e:
         raise Unavailable(f"cut-cross-entropy not importable ({type(e).__name__}: {e}); pip install cut-cross-entropy") from None
     return linear_cross_entropy
+
+
+def _need_sm90(name: str):
+    """SM90 (Hopper) CuTe-DSL kernels: a CUDA device of compute capability >= 9.0 and ``cutlass.cute``
+    (the nvidia-cutlass-dsl wheel) importable."""
+    _need_gpu(name)
+    import torch
+
+    cc = torch.cuda.get_device_capability()
+    if cc < (9, 0):
+        raise Unavailable(f"{name} needs compute capability >= 9.0 (Hopper); this card is sm_{cc[0]}{cc[1]}")
+    if importlib.util.find_spec("cutlass") is None:
+        raise Unavailable(f"{name} needs the CuTe DSL (pip install nvidia-cutlass-dsl); not installed")
+
+
+def liger_fused_linear_cross_entropy_sm90():
+    """Liger's SM90 CuTe-DSL fused lm_head (Liger-Kernel 0.8.5: the ``nvidia-cutedsl`` backend of
+    ``fused_linear_cross_entropy``, cuBLAS matmuls + a CuTe online-softmax CE; needs the ``cutedsl``
+    extra: nvidia-cutlass-dsl, apache-tvm-ffi) -> (per-token -logp with reduction="none", ...).
+    Called through the backend's own entry point so the Triton fallback never stands in for it under
+    this name. (Liger's separate ``liger-cute-kernels`` package, extra "lck", is not covered.)"""
+    _need_sm90("Liger-Kernel SM90 (CuTe DSL) fused_linear_cross_entropy")
+    try:
+        from liger_kernel.ops.backends._cutedsl.fused_linear_cross_entropy import (
+            fused_linear_cross_entropy_cutedsl as f)
+    except Exception as e:
+        raise Unavailable(f"liger-kernel's CuTe DSL backend not importable ({type(e).__name__}: {e}); "
+                          "needs liger-kernel >= 0.8 with nvidia-cutlass-dsl") from None
+    return f
+
+
+def quack_cross_entropy():
+    """QuACK ``quack.cross_entropy.cross_entropy(x, target, ignore_index=, reduction="none")`` -> per-token
+    -logp (CuTe DSL, SM90+); backward writes the logits gradient."""
+    _need_sm90("QuACK cross_entropy")
+    try:
+        from quack.cross_entropy import cross_entropy
+    except Exception as e:
+        raise Unavailable(f"quack-kernels not importable ({type(e).__name__}: {e}); "
+                          "pip install quack-kernels") from None
+    return cross_entropy
+
+
+def quack_linear_cross_entropy():
+    """QuACK's chunked linear cross-entropy (quack-kernels 0.6: ``quack.linear_cross_entropy.
+    chunked_linear_cross_entropy(x, weight, target, chunk_size=4096, ignore_index=, reduction=)``; the
+    SM90 bf16 "scaled-exp" fused-backward pipeline is picked automatically where eligible). It has no
+    per-token output: reduction is "mean" or "sum" only."""
+    _need_sm90("QuACK chunked_linear_cross_entropy")
+    try:
+        from quack.linear_cross_entropy import chunked_linear_cross_entropy
+    except Exception as e:
+        raise Unavailable(f"quack-kernels' linear_cross_entropy not importable ({type(e).__name__}: {e}); "
+                          "pip install quack-kernels (needs nvidia-cutlass-dsl)") from None
+    return chunked_linear_cross_entropy

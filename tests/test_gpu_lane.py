@@ -46,7 +46,7 @@ def test_lane_dry_run_determinism_part(tmp_path):
     res = _lane(tmp_path, GPU_CHECK_PARTS="determinism", GPU_CHECK_DET_ARGS="--ops masked_mean,seq_log_ratio")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert _summary(tmp_path) == {"build": "skipped", "tests": "skipped", "train": "skipped", "determinism": "pass",
-                                  "resume": "skipped", "native": "skipped", "bench": "skipped"}
+                                  "batchinv": "skipped", "resume": "skipped", "native": "skipped", "bench": "skipped"}
     cases = json.loads((tmp_path / "determinism.json").read_text())["cases"]
     assert len(cases) == 4 and all(c["ok"] and c["tensors"] for c in cases)
     assert "DRY RUN" in res.stdout and (tmp_path / "env.txt").is_file()
@@ -57,7 +57,7 @@ def test_lane_out_of_time_fails(tmp_path):
     res = _lane(tmp_path, GPU_CHECK_TOTAL_S="0")
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
     status = _summary(tmp_path)
-    assert set(status) == {"build", "tests", "train", "determinism", "resume", "native", "bench"}
+    assert set(status) == {"build", "tests", "train", "determinism", "batchinv", "resume", "native", "bench"}
     assert status["tests"] == status["determinism"] == status["bench"] == "no-time"
     assert "a correctness part did not pass" in res.stdout
 
@@ -105,3 +105,12 @@ def test_make_test_does_not_force_the_interpreter(tmp_path):
     recipe = [line for line in res.stdout.splitlines() if "-m pytest tests" in line]
     assert res.returncode == 0 and len(recipe) == 1, res.stdout + res.stderr
     assert "TRITON_INTERPRET" not in recipe[0]
+
+
+def test_lane_dry_run_batch_invariance_part(tmp_path):
+    res = _lane(tmp_path, GPU_CHECK_PARTS="batchinv", GPU_CHECK_BI_ARGS="--size tiny --impl native --dtypes fp32")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert _summary(tmp_path)["batchinv"] == "pass"
+    out = json.loads((tmp_path / "batch_invariance.json").read_text())
+    assert out["failed"] == 0 and out["batch_invariant"] and len(out["cases"]) == 2
+    assert all(c["promised"] and c["mismatches"] == 0 for c in out["cases"])

@@ -68,6 +68,10 @@ def test_tiles_shrink_for_few_rows(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU branch of _tiles (reads the sm90 entry)
     cpu = torch.device("cpu")
     big = configs.TABLE["sm90"]["linear_fwd"]["16bit"]
+    # batch-invariant (default): the forward's tile never follows N; the backward's still shrinks
+    assert all(L._tiles(n, 152064, torch.bfloat16, cpu) == big for n in (1, 40, 100, 8192))
+    assert L._tiles(40, 152064, torch.bfloat16, cpu, "linear_bwd")["BLOCK_N"] == 64
+    monkeypatch.setattr(configs, "_BATCH_INVARIANT", False)  # the N-tuned launch
     assert L._tiles(8192, 152064, torch.bfloat16, cpu) == big
     assert L._tiles(100, 152064, torch.bfloat16, cpu)["BLOCK_N"] == min(big["BLOCK_N"], 128)
     assert L._tiles(40, 152064, torch.bfloat16, cpu) == configs.TABLE["sm90"]["linear_fwd_small_n"]["16bit"]

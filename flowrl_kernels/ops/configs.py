@@ -23,6 +23,7 @@ and the warps per row (one program per row).
 from __future__ import annotations
 
 import functools
+import os
 from typing import Dict
 
 import torch
@@ -138,6 +139,19 @@ def _cached(kernel: str, arch: str, dkey: str) -> dict:
 
 
 _OVERRIDE: Dict[str, dict] = {}
+
+# Batch invariance (docs/batch_invariance.md): the fused lm_head forward launches one tile and one vocab
+# split per (device, dtype, config table) whatever N is, so a token's logp / entropy do not depend on
+# its batch. FLOWRL_KERNELS_BATCH_INVARIANT=0 (read at import; tests flip _BATCH_INVARIANT) restores the
+# N-tuned launch (64-row tiles for N <= 64, the wave-balanced split count), whose speed difference only
+# a GPU can measure (scripts/batch_invariance.py times both). token_logprobs needs no switch: its
+# launch never depended on N.
+_BATCH_INVARIANT = os.environ.get("FLOWRL_KERNELS_BATCH_INVARIANT", "1").strip() not in ("0", "false", "no", "off")
+
+
+def batch_invariant() -> bool:
+    """Whether the fused lm_head forward launches batch-invariantly (the default)."""
+    return _BATCH_INVARIANT
 
 
 def config(kernel: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:

@@ -12,6 +12,8 @@ into four running row statistics: max m, s = sum e^(x-m), u = sum (x-m) e^(x-m) 
 The splits give parallelism when N is small (one row block, 151936 vocab: 5+ programs per row block);
 a tiny merge kernel combines the 4 * splits * N partial floats. u is kept relative to the max so the
 entropy log(s) - u/s never subtracts two large numbers (lse - E[x] cancels when |x| ~ 1e3).
+Batch invariance (default, docs/batch_invariance.md): the tile and the split boundaries depend on V,
+the dtype, the config entry and the SM count, never on N, so a row's arithmetic is the same in any batch.
 
 Backward: chunked. N <= V (an RL micro-batch below the vocab size): over vocab chunks; for each
 chunk [v0, v1) a Triton kernel recomputes the logits tiles of all N rows and writes dlogits
@@ -280,15 +282,21 @@ def _linear_logprobs_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 def _tiles(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, kernel: str = "linear_fwd"):
     """Launch config (dict: BLOCK_N, BLOCK_V, BLOCK_H, GROUP_N, num_warps, num_stages, ctas_per_sm)
-    for this device / dtype: the per-arch table on a GPU, small tiles under the interpreter."""
-    if kernel == "linear_fwd" and n_rows <= _BLOCK_N_SMALL and not configs.overridden(kernel):
+    for this device / dtype: the per-arch table on a GPU, small tiles under the interpreter.
+
+    The forward's tile is the same for every N while ``configs.batch_invariant()`` (the default): the
+    row tile and warps set the layout of the [BLOCK_N, BLOCK_V] logits tile and so the order of the
+    row sums over BLOCK_V, which a batch-invariant forward must not change with N. Only the backward
+    (and the forward with FLOWRL_KERNELS_BATCH_INVARIANT=0) shrinks the row tile for few rows."""
+    fixed = kernel == "linear_fwd" and configs.batch_invariant()
+    if kernel == "linear_fwd" and n_rows <= _BLOCK_N_SMALL and not fixed and not configs.overridden(kernel):
         kernel = "linear_fwd_small_n"
     if triton_interpret() and not configs.overridden(kernel):
         block_v = _INTERP_BLOCK_V if vocab <= _INTERP_LARGE_V else _INTERP_BLOCK_V_LARGE
         return dict(BLOCK_N=_INTERP_BLOCK_N, BLOCK_V=block_v, BLOCK_H=_INTERP_BLOCK_H, GROUP_N=2, num_warps=1,
                     num_stages=1, ctas_per_sm=1)
     cfg = configs.config(kernel, device, dtype)
-    if not configs.overridden(kernel):
+    if not configs.overridden(kernel) and not fixed:
         # few rows: a smaller row tile (down to wgmma's 64) instead of masked rows doing tensor-core work
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(_BLOCK_N_SMALL, triton.next_power_of_2(n_rows)))
     return cfg
@@ -340,13 +348,52 @@ def _balanced_splits(n_row_blocks: int, n_tiles: int, slots: int):
     return best[1], best[2]
 
 
+def _invariant_splits(n_tiles: int, slots: int):
+    """(splits, tiles_per_split) from the vocab tiles and the SM slots alone, not from N: the batch-
+    invariant split. Every row's vocab is cut at the same tile boundaries and its partials merged in the
+    same order whatever the batch, so a token's logp and entropy are bitwise the same at any N and any
+    position. ceil(tiles / slots) tiles per split fill one wave with a single row block, and R row
+    blocks take ceil(R * splits / slots) waves: at the headline (1188 tiles of 128, 132 SMs) 132 splits
+    of 9 tiles, 576 tiles per slot at N=8192 as the N-tuned _balanced_splits gives (its 33 splits of 36
+    tiles), and the same makespan at one row block. The price is the workspace: 4 * splits * N fp32
+    (16 * 132 = 2.1 KB per token on an H200, 17 MiB at N=8192, where the N-tuned split held 4.3 MiB)
+    and a merge that reads it once (not measured on a GPU yet)."""
+    per = -(-n_tiles // max(1, slots))
+    return -(-n_tiles // per), per  # no empty split
+
+
 def _n_splits(n_row_blocks: int, n_tiles: int, device: torch.device, ctas_per_sm: int = 1):
-    if triton_interpret() or device.type != "cuda":
+    interp = triton_interpret() or device.type != "cuda"
+    if configs.batch_invariant():
+        slots = _INTERP_TARGET_PROGRAMS if interp else _sm_count(
+            device.index if device.index is not None else torch.cuda.current_device()) * ctas_per_sm
+        return _invariant_splits(n_tiles, slots)
+    if interp:
         splits = max(1, min(n_tiles, triton.cdiv(_INTERP_TARGET_PROGRAMS, n_row_blocks)))
         tiles_per_split = triton.cdiv(n_tiles, splits)
         return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split  # no empty split
     slots = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * ctas_per_sm
     return _balanced_splits(n_row_blocks, n_tiles, slots)
+
+
+def _fwd_launch(N: int, V: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Every launch parameter of the forward for N rows: the tile config, the split, the dot precision
+    and the grid. ``_ARITHMETIC`` names those that change the arithmetic of a row (what a batch-
+    invariant forward keeps independent of N: tests/test_batch_invariance.py checks it for many N)."""
+    cfg = _tiles(N, V, dtype, device)
+    n_row_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+    n_splits, tiles_per_split = _n_splits(n_row_blocks, triton.cdiv(V, cfg["BLOCK_V"]), device, cfg["ctas_per_sm"])
+    return dict(cfg, n_row_blocks=n_row_blocks, n_splits=n_splits, tiles_per_split=tiles_per_split,
+                DOT_PRECISION=_dot_precision(dtype), UPCAST_OPERANDS=_upcast(dtype),
+                grid=n_row_blocks * n_splits, MERGE_BLOCK=_MERGE_BLOCK)
+
+
+# Launch parameters that change a row's arithmetic: the logits tile's shape and warps (layout of the
+# BLOCK_V row sums), the K step, where the vocab is cut into splits and how many partials the merge folds
+# (in split order), and the dot's precision. GROUP_N, num_stages, the grid and the merge's BLOCK only
+# change which program computes a row and when (each row's merge runs in one lane).
+_ARITHMETIC = ("BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps", "n_splits", "tiles_per_split", "DOT_PRECISION",
+               "UPCAST_OPERANDS")
 
 
 @functools.lru_cache(maxsize=None)
@@ -364,23 +411,22 @@ def _triton_forward(h2, weight, bias, labels, inv_temp, ignore_index):
     lse = empty((N,), dtype=torch.float32, device=dev)
     if N == 0:
         return logp, ent, lse
-    cfg = _tiles(N, V, h2.dtype, dev)
-    n_row_blocks = triton.cdiv(N, cfg["BLOCK_N"])
-    n_splits, tiles_per_split = _n_splits(n_row_blocks, triton.cdiv(V, cfg["BLOCK_V"]), dev, cfg["ctas_per_sm"])
+    cfg = _fwd_launch(N, V, h2.dtype, dev)
+    n_row_blocks, n_splits = cfg["n_row_blocks"], cfg["n_splits"]
     ws = empty((4, n_splits, N), dtype=torch.float32, device=dev)
     b = bias if bias is not None else h2  # dummy pointer, never read when HAS_BIAS=False
     with device_guard(h2):
-        _linear_logprobs_fwd_kernel[(n_row_blocks * n_splits,)](
+        _linear_logprobs_fwd_kernel[(cfg["grid"],)](
             h2, weight, b, labels, ws,
-            N, V, H, n_row_blocks, tiles_per_split,
+            N, V, H, n_row_blocks, cfg["tiles_per_split"],
             h2.stride(0), weight.stride(0),
             inv_temp,
             HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
-            GROUP_N=cfg["GROUP_N"], DOT_PRECISION=_dot_precision(h2.dtype), UPCAST_OPERANDS=_upcast(h2.dtype),
+            GROUP_N=cfg["GROUP_N"], DOT_PRECISION=cfg["DOT_PRECISION"], UPCAST_OPERANDS=cfg["UPCAST_OPERANDS"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-        _linear_logprobs_merge_kernel[(triton.cdiv(N, _MERGE_BLOCK),)](
-            ws, labels, logp, ent, lse, N, V, n_splits, ignore_index, BLOCK=_MERGE_BLOCK,
+        _linear_logprobs_merge_kernel[(triton.cdiv(N, cfg["MERGE_BLOCK"]),)](
+            ws, labels, logp, ent, lse, N, V, n_splits, ignore_index, BLOCK=cfg["MERGE_BLOCK"],
         )
     return logp, ent, lse
 
@@ -749,7 +795,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         for both outputs.
 
     Memory (N tokens), beyond inputs, outputs and gradients:
-        Triton forward: 4 * splits * N + 2 * N float32 (splits <= ~2 * SMs / row blocks; saved lse,
+        Triton forward: 4 * splits * N + 2 * N float32 (splits <= SMs, N-free for batch invariance; saved lse,
         entropy). Triton backward: one dlogits workspace of chunk_size * V * itemsize bytes (64 MiB by
         default for N <= V, 512 MiB above; at least N * V / 32 elements) + V float32 for the bias grad,
         + an fp32 accumulator for 16-bit inputs when there are several chunks (N * H * 4 bytes for dH

@@ -247,7 +247,12 @@ def _as_3d(t: torch.Tensor, inner: int) -> Optional[torch.Tensor]:
     if len(lead) == 0:
         return t.reshape((1, 1) + tuple(rest))
     # merge leading dims from the right while they are contiguous w.r.t. each other (size-1 dims are free)
-    dims = [(int(s), int(st)) for s, st in zip(lead, t.stride()[: len(lead)]) if s != 1] or [(1, 0)]
+    # all size 1 (one row): keep the row stride the same row has inside a batch (torch keeps it on size-1
+    # dims), not 0. Triton specializes the kernel on each stride's divisibility by 16, which sets the
+    # vector width of the row loads and with it the order of the BLOCK_V-lane sums: with stride 0 a
+    # single row of an odd-V tensor got the aligned variant and a batched one not (batch invariance).
+    dims = ([(int(s), int(st)) for s, st in zip(lead, t.stride()[: len(lead)]) if s != 1]
+            or [(1, int(t.stride()[len(lead) - 1]))])
     merged = [dims[-1]]
     for s, st in reversed(dims[:-1]):
         ms, mst = merged[0]
