@@ -352,6 +352,8 @@ class Config:
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
 
     def __post_init__(self):
+        for sec in dataclasses.fields(self):
+            _check_numbers(sec.name, getattr(self, sec.name))
         if self.task.name == "synthetic":
             _check(self.model.path in TINY_MODELS, "task.name='synthetic' is written in the tiny models' "
                    f"character vocabulary; use model.path in {TINY_MODELS} (or pick a real task).")
@@ -371,6 +373,19 @@ class Config:
         mini = self.train.mini_batch_size or local
         _check(local % mini == 0, f"train.mini_batch_size={mini} must divide the local rollout batch "
                f"({local} = prompts_per_step / world_size * group_size).")
+
+
+def _check_numbers(section: str, obj: Any) -> None:
+    """Every float of a section (lists included) must be finite: each section checks its range in
+    ``__post_init__``, but ``inf`` passes ``lr > 0`` (``--optim.lr=inf`` ran until ``generate`` met inf
+    weights at step 2) and ``nan`` fails no ``<``-free check. Also run for sections built in code."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(x, float):
+                _check(math.isfinite(x), f"{section}.{f.name}={v!r} must be a finite number.")
+        if f.name == "seed":  # torch / numpy / random all take it, plus small offsets per rank and split
+            _check(0 <= v < 2**32 - 2**16, f"{section}.seed={v} must be in [0, 2**32 - 2**16).")
 
 
 # ----------------------------------------------------------------------------------------------------
