@@ -161,6 +161,14 @@ def verify(folder: Path) -> dict:
     return read_manifest(folder)
 
 
+def _why(e: BaseException) -> str:
+    """One line for an unpickling error: torch's weights_only message is a page whose first lines
+    suggest weights_only=False; the line that matters names the refused global."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
+    hit = [ln for ln in lines if "Unsupported global" in ln or "not allowed" in ln]
+    return f"{type(e).__name__}: {(hit or lines or [''])[0][:300]}"
+
+
 def _verified_bytes(path: Path, manifest: dict) -> bytes:
     """A file's bytes, checked against the manifest (read once: no window between check and use)."""
     data = path.read_bytes()
@@ -214,7 +222,10 @@ class _Planner(dcp.DefaultLoadPlanner):
     ``weights_only=True`` (the default planner uses weights_only=False)."""
 
     def load_bytes(self, read_item, value):
-        value = torch.load(value, weights_only=True)
+        try:
+            value = torch.load(value, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a global outside weights_only's types: damaged or hostile
+            raise CheckpointError(f"item {read_item.dest_index.fqn}: {_why(e)}") from None
         if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes (torch 2.13), but weights_only
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], value)
         else:
@@ -326,26 +337,43 @@ def save(run_dir: Path, step: int, policy, opt, sched, trainer_state: dict, env,
     return final
 
 
-def load(path: Path, policy, opt, sched, env) -> dict:
-    """Restore a checkpoint (verified by resume_point) into the (already built and sharded) policy and
-    optimizer; returns the trainer state (step, counters) with this rank's RNG states applied. Every file
-    this rank reads is checked against the manifest as it is read or was hashed by rank 0 before."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    model_sd, optim_sd = get_state_dict(policy, opt)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, storage_reader=_Reader(path, manifest), planner=_Planner())
-    set_state_dict(policy, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    mine = path / f"trainer_rank{env.rank}.pt"
+def read_trainer_state(path: Path, env, manifest: dict) -> dict:
+    """This rank's ``trainer_rank<r>.pt`` (rank 0's when this rank has none: another world size),
+    checked against the manifest and loaded with ``weights_only=True``; adds ``exact`` (own file)."""
+    mine = Path(path) / f"trainer_rank{env.rank}.pt"
     exact = mine.is_file()
-    data = _verified_bytes(mine if exact else path / "trainer_rank0.pt", manifest)
+    src = mine if exact else Path(path) / "trainer_rank0.pt"
+    data = _verified_bytes(src, manifest)
     try:
         trainer = torch.load(io.BytesIO(data), weights_only=True)
-    except Exception as e:  # noqa: BLE001 - an unexpected type in it is a damaged (or hostile) file
-        raise CheckpointError(f"{mine if exact else path / 'trainer_rank0.pt'}: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0]}") from None
+        ok = isinstance(trainer, dict) and {"step", "scheduler", "rng"} <= set(trainer)
+    except Exception as e:  # noqa: BLE001 - a global outside weights_only's types: damaged or hostile
+        raise CheckpointError(f"{src}: {_why(e)}") from None
+    if not ok:
+        raise CheckpointError(f"{src} is not a trainer state (no step / scheduler / rng).")
+    return {**trainer, "exact": exact}
+
+
+def load(path: Path, policy, opt, sched, env) -> dict:
+    """Restore a checkpoint (verified by resume_point) into the (already built and sharded) policy and
+    optimizer; returns the trainer state (step, counters) with this rank's RNG states applied. Each file
+    this rank reads itself is checked against the manifest as it is read; the shards were hashed by
+    rank 0 in resume_point."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    trainer = read_trainer_state(path, env, manifest)  # the small file first: fail before the shards
+    model_sd, optim_sd = get_state_dict(policy, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(state, storage_reader=_Reader(path, manifest), planner=_Planner())
+    except CheckpointError:
+        raise
+    except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 - DCP wraps our errors per rank
+        inner = re.findall(r"CheckpointError: (.*)", str(e))  # ours, raised inside DCP's reader or planner
+        raise CheckpointError(f"{path}: {inner[-1] if inner else 'DCP could not load it: ' + _why(e)}") from None
+    set_state_dict(policy, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     sched.load_state_dict(trainer.pop("scheduler"))
-    rng = trainer.pop("rng")
+    rng, exact = trainer.pop("rng"), trainer.pop("exact")
     if exact and trainer.get("world_size") == env.world_size:
         set_rng_state(rng, env.device)
     else:  # another world size: the weights and optimizer reshard, the sampling streams cannot
