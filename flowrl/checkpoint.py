@@ -105,6 +105,8 @@ def write_manifest(folder: Path, step: int) -> dict:
     key = _key()
     if key is not None:
         (folder / SIGNATURE).write_text(hmac.new(key, body, hashlib.sha256).hexdigest() + "\n")
+    else:
+        (folder / SIGNATURE).unlink(missing_ok=True)  # a stale signature would not match anyway
     return manifest
 
 
@@ -144,7 +146,8 @@ def verify(folder: Path) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a checkpoint folder.")
-    files = read_manifest(folder)["files"]
+    manifest = read_manifest(folder)
+    files = manifest["files"]
     present = {p.name: p for p in folder.iterdir() if p.name not in (MANIFEST, SIGNATURE)}
     for name in sorted(set(files) - set(present)):
         raise CheckpointError(f"{folder / name} is missing (listed in {MANIFEST}).")
@@ -158,7 +161,7 @@ def verify(folder: Path) -> dict:
     for name, digest in zip(names, _hash_all([present[n] for n in names])):
         if digest != files[name]["sha256"]:
             raise CheckpointError(f"{present[name]}: its SHA-256 differs from the manifest's (damaged).")
-    return read_manifest(folder)
+    return manifest
 
 
 def _why(e: BaseException) -> str:
@@ -327,7 +330,6 @@ def save(run_dir: Path, step: int, policy, opt, sched, trainer_state: dict, env,
     distributed.barrier()  # every rank's files are complete
     if env.is_main:
         write_manifest(tmp, step)
-        faults.exit_if("checkpoint_manifest", step)  # complete and verifiable, not yet renamed
         if final.exists():  # the same step saved by an earlier attempt
             shutil.rmtree(final)
         os.rename(tmp, final)

@@ -41,9 +41,9 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
-def _launch(cwd: Path, *extra, env_extra=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", FLOWRL_FAULT="", **(env_extra or {}))
-    env.pop(checkpoint.KEY_ENV, None) if not env_extra or checkpoint.KEY_ENV not in env_extra else None
+def _launch(cwd: Path, *extra):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", FLOWRL_FAULT="")
+    env.pop(checkpoint.KEY_ENV, None)
     return subprocess.run([sys.executable, str(ROOT / "flowrl" / "train.py"), *ARGS, *extra], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=240)
 
@@ -60,7 +60,7 @@ def pristine(tmp_path_factory):
 
 @pytest.fixture
 def run(pristine, tmp_path, monkeypatch):
-    """A fresh copy of the pristine run; no key set; the marker's path."""
+    """A fresh copy of the pristine run (no key set)."""
     monkeypatch.delenv(checkpoint.KEY_ENV, raising=False)
     dst = tmp_path / "runs" / "r"
     shutil.copytree(pristine, dst)
@@ -214,6 +214,7 @@ def test_key_refuses_unsigned_wrong_and_forged(run, capsys, monkeypatch):
 # ----------------------------------------------------------------------------------------------------
 # end to end: a relaunch resumes from the older checkpoint; a damaged explicit path stops the run
 # ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_relaunch_falls_back_end_to_end(run):
     cwd = run.parent.parent
     damage(newest(run) / FILES["shard"], "flip")
