@@ -326,7 +326,8 @@ class Checkpoint:
     keep: int = 2
     """Keep the newest this many checkpoints (older ones are deleted after a new one is complete)."""
     resume: str = "auto"
-    """'auto' = continue from the newest complete checkpoint in the run directory if there is one;
+    """'auto' = continue from the newest intact checkpoint in the run directory if there is one (each is
+    verified against its manifest first; damaged ones are skipped with a warning, docs/checkpoints.md);
     'off' = start fresh; or the path of a checkpoint folder (runs/<name>/checkpoints/step_000004)."""
     export: bool = True
     """Save the trained policy (no log Z head) as a plain HF folder, runs/<name>/export, at the end."""

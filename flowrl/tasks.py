@@ -105,9 +105,12 @@ class JsonlTask(Task):
         for i, line in enumerate(Path(path).read_text().splitlines()):
             if not line.strip():
                 continue
-            r = json.loads(line)
-            if "prompt" not in r or "answer" not in r:
-                raise ValueError(f"{path}:{i + 1} needs 'prompt' and 'answer' fields, got {sorted(r)}.")
+            try:
+                r = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{i + 1} is not a JSON object ({e}).") from None
+            if not isinstance(r, dict) or "prompt" not in r or "answer" not in r:
+                raise ValueError(f"{path}:{i + 1} needs 'prompt' and 'answer' fields, got {str(r)[:80]}.")
             rows.append(r)
         return rows
 

@@ -406,3 +406,14 @@ def test_last_good_checkpoint_message(tmp_path):
     cfg = config.load(["--config", TINY, f"--run.out_dir={tmp_path}"])
     assert train.last_good(cfg, None) == "none (set checkpoint.every)"
     assert train.last_good(cfg, tmp_path / "elsewhere" / "step_000004").endswith("step_000004")
+
+
+def test_bad_jsonl_task_is_a_config_error_naming_the_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "init", lambda *a, **k: pytest.fail("built something despite a bad task"))
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "2+2?", "answer": "4"}\n{"prompt": "3+3?", "answer": 6\n')
+    with pytest.raises(config.ConfigError, match=r"task.path=.*d.jsonl:2 is not a JSON object"):
+        train.main(["--config", TINY, "--task.name=jsonl", f"--task.path={path}", f"--run.out_dir={tmp_path}"])
+    path.write_text('["prompt", "answer"]\n')
+    with pytest.raises(config.ConfigError, match=r"d.jsonl:1 needs 'prompt' and 'answer' fields"):
+        train.main(["--config", TINY, "--task.name=jsonl", f"--task.path={path}", f"--run.out_dir={tmp_path}"])
