@@ -131,7 +131,8 @@ class LogZ:
     """Dropout inside the head's MLP (FLOWRL.md: 0.1)."""
 
     def __post_init__(self):
-        _check(0 < self.lr <= 1, f"logz.lr={self.lr} must be in (0, 1] (AdamW moves each weight by up to lr per step).")
+        _check(0 < self.lr <= 1,
+               f"logz.lr={self.lr} must be in (0, 1] (AdamW moves each weight by up to lr per step).")
         _check(0.0 <= self.dropout < 1.0, f"logz.dropout={self.dropout} must be in [0, 1).")
 
 
@@ -268,7 +269,8 @@ class Optim:
     """Linear learning-rate warmup over this many optimizer steps, then constant."""
 
     def __post_init__(self):
-        _check(0 < self.lr <= 1, f"optim.lr={self.lr} must be in (0, 1] (AdamW moves each weight by up to lr per step).")
+        _check(0 < self.lr <= 1,
+               f"optim.lr={self.lr} must be in (0, 1] (AdamW moves each weight by up to lr per step).")
         _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0.")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optim.betas={self.betas} must be two values in [0, 1).")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0.")

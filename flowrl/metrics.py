@@ -9,8 +9,9 @@
     runs/<name>/checkpoints/    see flowrl/checkpoint.py;  runs/<name>/export/: the trained HF model
 
 Strict JSON (RFC 8259): a non-finite number (a skipped step's NaN loss) is written as ``null``; the
-step still counts as skipped (its ``skipped`` field). On resume from step s the files keep their records up to step s (a crashed run may have logged steps
-after its last checkpoint: those are dropped, then written again by the resumed run) and append.
+step still counts as skipped (its ``skipped`` field). On resume from step s the files keep their
+records up to step s (a crashed run may have logged steps after its last checkpoint: those are
+dropped, then written again by the resumed run) and append.
 """
 from __future__ import annotations
 

@@ -72,8 +72,8 @@ def params_finite(policy, env) -> bool:
     """Whether every parameter element is finite on every rank: a float64 sum per local shard is finite
     iff its elements are (it cannot overflow: 3.4e38 x 1e12 < 1.8e308). One read of the weights per
     optimizer step (133M fp32 on one busy CPU core: 0.18-0.26 s, under 1% of a step; a float32 sum,
-    0.12 s, could overflow on finite weights; isfinite().all(), 1.2 s, allocates), one host sync. An update can leave inf weights from finite
-    grads (``lr`` huge, Adam's denominator underflowing); generate would then fail on NaN logits."""
+    0.12 s, could overflow on finite weights; isfinite().all(), 1.2 s, allocates), one host sync. An
+    update can leave inf weights from finite grads (``lr`` huge); generate then fails on NaN logits."""
     sums = [(p.to_local() if hasattr(p, "to_local") else p).detach().sum(dtype=torch.float64)
             for p in policy.parameters()]
     return not distributed.any_over_ranks(~torch.isfinite(torch.stack(sums).sum()))
@@ -88,7 +88,8 @@ def score(task, problems, texts, k, cfg, env, where: str) -> torch.Tensor:
         try:
             r = task.reward(problems[i // k], text)
             r = r.item() if torch.is_tensor(r) and r.numel() == 1 else r
-            why = None if isinstance(r, numbers.Real) else f"returned {type(r).__name__} {repr(r)[:80]}, not a number"
+            why = None if isinstance(r, numbers.Real) else (
+                f"returned {type(r).__name__} {repr(r)[:80]}, not a number")
         except Exception as e:  # noqa: BLE001 - any failure of user code is reported with its sample
             r, why = None, f"raised {type(e).__name__}: {str(e)[:300]}"
         if why is not None and bad is None:
@@ -97,7 +98,8 @@ def score(task, problems, texts, k, cfg, env, where: str) -> torch.Tensor:
                    f"completion {text[:200]!r}{'...' if len(text) > 200 else ''}).")
         out.append(float(r) if why is None else float("nan"))
     if distributed.any_over_ranks(torch.tensor(bad is not None, device=env.device)):
-        raise TrainingStopped(bad or f"a reward function failed on another rank ({where}; its message names the sample).")
+        raise TrainingStopped(bad or f"a reward function failed on another rank ({where}; its message names "
+                                     "the sample).")
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -322,7 +324,8 @@ def main(argv=None) -> None:
             if state["consecutive_skips"] >= cfg.train.max_consecutive_skips:
                 raise TrainingStopped(
                     f"{state['consecutive_skips']} consecutive steps (up to step {step}) had a non-finite loss or "
-                    f"gradient norm; their updates were skipped and the run stops here. Lower optim.lr or check the data.")
+                    f"gradient norm; their updates were skipped and the run stops here. Lower optim.lr or check "
+                    "the data.")
             if cfg.eval.prompts and due(step, cfg.eval.every, steps):
                 evals.append(evaluate(step, cfg, env, policy, sampler, eval_task, metrics))
             if cfg.checkpoint.every and due(step, cfg.checkpoint.every, steps) and not record["skipped"]:

@@ -219,7 +219,8 @@ def test_relaunch_falls_back_end_to_end(run):
     cwd = run.parent.parent
     damage(newest(run) / FILES["shard"], "flip")
     res = _launch(cwd, f"--checkpoint.resume={newest(run)}")
-    assert res.returncode == 1 and "checkpoint error:" in res.stderr and "__0_0.distcp" in res.stderr, res.stderr[-2000:]
+    assert res.returncode == 1 and "checkpoint error:" in res.stderr, res.stderr[-2000:]
+    assert "__0_0.distcp" in res.stderr
     assert "Traceback" not in res.stderr
     res = _launch(cwd, "--train.steps=3")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]

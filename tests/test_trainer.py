@@ -353,7 +353,8 @@ def test_reward_failures_name_the_task_and_sample():
     r = train.score(task, probs, ["ok", "x", "nan", "ok"], 2, cfg, env, "step 3")
     assert r.dtype == torch.float64 and r[0] == 1.0 and r[1] == 0.0 and r[2].isnan()  # NaN: the step is skipped
     with pytest.raises(train.TrainingStopped, match=r"task 'synthetic' raised KeyError: 'no such field' \(step 3, "
-                       r"rank 0, prompt 1 of this rank's batch, sample 1; question 'q1'; completion 'boomboom.*\.\.\.\)"):
+                       r"rank 0, prompt 1 of this rank's batch, sample 1; question 'q1'; "
+                       r"completion 'boomboom.*\.\.\.\)"):
         train.score(task, probs, ["ok", "x", "ok", "boom" * 100], 2, cfg, env, "step 3")
     with pytest.raises(train.TrainingStopped, match="returned NoneType None, not a number.*prompt 0 .*sample 1"):
         train.score(task, probs, ["ok", "none", "ok", "ok"], 2, cfg, env, "evaluation at step 0")
@@ -390,7 +391,8 @@ def test_metrics_jsonl_is_strict_json(tmp_path):
     m.close()
 
     def strict(text):
-        return [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in {text!r}")) for line in text.splitlines()]
+        return [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in {text!r}"))
+                for line in text.splitlines()]
     rec, = strict((tmp_path / "metrics.jsonl").read_text())
     assert rec["loss"] is None and rec["grad_norm"] is None and rec["skipped"] == 1 and rec["reward_mean"] == 0.5
     assert strict((tmp_path / "samples.jsonl").read_text())[0]["rewards"] == [1.0, None]

@@ -155,7 +155,8 @@ def test_reward_failure_stops_cleanly_naming_the_sample(tmp_path):
             f"sys.argv = ['train.py'] + {BASE + ['--run.name=rw', '--checkpoint.every=1', '--eval.prompts=0']!r}\n"
             f"runpy.run_path({str(ROOT / 'flowrl' / 'train.py')!r}, run_name='__main__')\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", FLOWRL_FAULT="")
-    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=240)
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
     assert ("stopped: the reward of task 'synthetic' returned NoneType None, not a number (step 2, rank 0, "
             "prompt 0 of this rank's batch, sample 0; question 'first digit of") in res.stderr, res.stderr[-2000:]
