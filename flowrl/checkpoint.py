@@ -35,6 +35,8 @@ Exact: data order is a function of the step (train.local_prompts) and every rand
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import hashlib
 import hmac
 import io
@@ -185,18 +187,23 @@ def _verified_bytes(path: Path, manifest: dict) -> bytes:
 # loading without unrestricted unpickling
 # ----------------------------------------------------------------------------------------------------
 class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's ``.metadata`` is a pickle of dataclasses; this unpickler builds those and nothing else (no
-    functions, no ``os.system``): a payload fails with UnpicklingError before it can run."""
-    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-    OTHER = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    """DCP's ``.metadata`` is a pickle of dataclasses; this unpickler builds those (the dataclasses and
+    enums defined in DCP's metadata module, filesystem's _StorageInfo) plus torch.Size, dtypes, layouts
+    and paths, and nothing else (no functions, no other classes): a payload fails with UnpicklingError
+    before it can run."""
+    METADATA = "torch.distributed.checkpoint.metadata"
+    OTHER = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+             ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
              ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}
 
     def find_class(self, module, name):
-        obj = getattr(sys.modules.get(module), name, None) if module in self.MODULES or module == "torch" else None
-        if (module in self.MODULES and isinstance(obj, type)) or (module, name) in self.OTHER or (
-                module == "torch" and isinstance(obj, torch.dtype)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
+        obj = getattr(sys.modules.get(module), name, None) if module in (self.METADATA, "torch") else None
+        ok = (module, name) in self.OTHER or (module == "torch" and isinstance(obj, torch.dtype)) or (
+            module == self.METADATA and isinstance(obj, type) and obj.__module__ == module
+            and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)))
+        if not ok:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
+        return super().find_class(module, name)
 
 
 class _Reader(dcp.FileSystemReader):

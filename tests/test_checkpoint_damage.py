@@ -228,3 +228,16 @@ def test_relaunch_falls_back_end_to_end(run):
     assert "resumed from" in res.stdout and "step_000001 (step 1)" in res.stdout
     assert [p.name for p in checkpoint.checkpoints(run)] == ["step_000002", "step_000003"]
     checkpoint.verify(newest(run))  # rewritten by the resumed run, intact
+
+
+@pytest.mark.parametrize("target", ["builtins.getattr", "os.system", "torch.load",
+                                    "torch.distributed.checkpoint.filesystem.FileSystemWriter",
+                                    "torch.distributed.checkpoint.metadata.Enum"])
+def test_metadata_unpickler_allowlist(target):
+    """Only DCP's metadata dataclasses / enums (and Size, dtypes, layouts, paths) may be built, not any
+    class or function of DCP's own modules."""
+    import io
+    module, name = target.rsplit(".", 1)
+    data = b"\x80\x04c" + f"{module}\n{name}\n".encode() + b")R."  # GLOBAL module.name, call with ()
+    with pytest.raises(pickle.UnpicklingError, match=f"global {target} is not allowed"):
+        checkpoint._MetadataUnpickler(io.BytesIO(data)).load()
