@@ -139,7 +139,8 @@ class LogZ:
     """Dropout inside the head's MLP (docs/flowrl.md: 0.1 in all sources)."""
 
     def __post_init__(self):
-        _check(self.lr > 0, f"logz.lr={self.lr} must be > 0.")
+        _check(0 < self.lr <= 1,
+               f"logz.lr={self.lr} must be in (0, 1] (AdamW moves each weight by up to lr per step).")
         _check(self.param_group in ("own", "policy"),
                f"logz.param_group={self.param_group!r}: use 'own' (its own lr, no decay) or 'policy'.")
         _check(0.0 <= self.dropout < 1.0, f"logz.dropout={self.dropout} must be in [0, 1).")
@@ -290,7 +291,8 @@ class Optim:
     """Linear learning-rate warmup over this many optimizer steps, then constant."""
 
     def __post_init__(self):
-        _check(self.lr > 0, f"optim.lr={self.lr} must be > 0.")
+        _check(0 < self.lr <= 1,
+               f"optim.lr={self.lr} must be in (0, 1] (AdamW moves each weight by up to lr per step).")
         _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0.")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optim.betas={self.betas} must be two values in [0, 1).")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0.")
@@ -348,7 +350,8 @@ class Checkpoint:
     keep: int = 2
     """Keep the newest this many checkpoints (older ones are deleted after a new one is complete)."""
     resume: str = "auto"
-    """'auto' = continue from the newest complete checkpoint in the run directory if there is one;
+    """'auto' = continue from the newest intact checkpoint in the run directory if there is one (each is
+    verified against its manifest first; damaged ones are skipped with a warning, docs/checkpoints.md);
     'off' = start fresh; or the path of a checkpoint folder (runs/<name>/checkpoints/step_000004)."""
     export: bool = True
     """Save the trained policy (no log Z head) as a plain HF folder, runs/<name>/export, at the end."""
@@ -374,6 +377,8 @@ class Config:
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
 
     def __post_init__(self):
+        for sec in dataclasses.fields(self):
+            _check_numbers(sec.name, getattr(self, sec.name))
         if self.task.name == "synthetic":
             _check(self.model.path in TINY_MODELS, "task.name='synthetic' is written in the tiny models' "
                    f"character vocabulary; use model.path in {TINY_MODELS} (or pick a real task).")
@@ -393,6 +398,19 @@ class Config:
         mini = self.train.mini_batch_size or local
         _check(local % mini == 0, f"train.mini_batch_size={mini} must divide the local rollout batch "
                f"({local} = prompts_per_step / world_size * group_size).")
+
+
+def _check_numbers(section: str, obj: Any) -> None:
+    """Every float of a section (lists included) must be finite: each section checks its range in
+    ``__post_init__``, but ``inf`` passes ``lr > 0`` (``--optim.lr=inf`` ran until ``generate`` met inf
+    weights at step 2) and ``nan`` fails no ``<``-free check. Also run for sections built in code."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(x, float):
+                _check(math.isfinite(x), f"{section}.{f.name}={v!r} must be a finite number.")
+        if f.name == "seed":  # torch / numpy / random all take it, plus small offsets per rank and split
+            _check(0 <= v < 2**32 - 2**16, f"{section}.seed={v} must be in [0, 2**32 - 2**16).")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     FLOWRL_FAULT="checkpoint_write@4"             die (os._exit) half-way through step 4's checkpoint
     FLOWRL_FAULT="exit_after_checkpoint@2"        die right after step 2's checkpoint is complete
     FLOWRL_FAULT="nan_loss@2,nan_loss@4-"         NaN loss at step 2 and at every step from 4 on
+    FLOWRL_FAULT="nan_param@2"                    a NaN weight after step 2's optimizer step (finite loss)
 
 Steps are 1-based training steps: ``N``, ``N-M`` or ``N-`` (from N on). ``os._exit`` skips every
 ``finally`` and atexit handler, like a SIGKILL from the scheduler would. Unset, every check is False.

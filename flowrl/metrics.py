@@ -8,12 +8,15 @@
     runs/<name>/curves.png      the curves of both files (flowrl/plot.py)
     runs/<name>/checkpoints/    see flowrl/checkpoint.py;  runs/<name>/export/: the trained HF model
 
-On resume from step s the files keep their records up to step s (a crashed run may have logged steps
-after its last checkpoint: those are dropped, then written again by the resumed run) and append.
+Strict JSON (RFC 8259): a non-finite number (a skipped step's NaN loss) is written as ``null``; the
+step still counts as skipped (its ``skipped`` field). On resume from step s the files keep their
+records up to step s (a crashed run may have logged steps after its last checkpoint: those are
+dropped, then written again by the resumed run) and append.
 """
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 from pathlib import Path
@@ -52,6 +55,18 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def strict_json(x: Any) -> Any:
+    """``x`` with every non-finite float (in dicts, lists, tuples) replaced by None: Python's json writes
+    bare NaN / Infinity, which jq, browsers and strict parsers reject."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    return x
+
+
 class Metrics:
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, resume_step: Optional[int] = None):
         self.enabled = enabled
@@ -74,7 +89,7 @@ class Metrics:
 
     def _write(self, name: str, record: Dict[str, Any]) -> None:
         if self.enabled:
-            self.files[name].write(json.dumps(record) + "\n")
+            self.files[name].write(json.dumps(strict_json(record), allow_nan=False) + "\n")
 
     def step(self, record: Dict[str, Any]) -> None:
         self._write("metrics", record)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from flowrl.config import Config
+from flowrl.config import Config, ConfigError
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
@@ -105,9 +105,12 @@ class JsonlTask(Task):
         for i, line in enumerate(Path(path).read_text().splitlines()):
             if not line.strip():
                 continue
-            r = json.loads(line)
-            if "prompt" not in r or "answer" not in r:
-                raise ValueError(f"{path}:{i + 1} needs 'prompt' and 'answer' fields, got {sorted(r)}.")
+            try:
+                r = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{i + 1} is not a JSON object ({e}).") from None
+            if not isinstance(r, dict) or "prompt" not in r or "answer" not in r:
+                raise ValueError(f"{path}:{i + 1} needs 'prompt' and 'answer' fields, got {str(r)[:80]}.")
             rows.append(r)
         return rows
 
@@ -147,10 +150,24 @@ class SyntheticTask(Task):
 
 
 def build(cfg: Config, split: str) -> Task:
-    """The training set (split='train') or the held-out evaluation set (split='eval')."""
-    t = cfg.task
+    """The training set (split='train') or the held-out evaluation set (split='eval'). A dataset that
+    refuses its options (reasoning-gym asserts, e.g. ``max_terms must be >= min_terms``) or a bad JSONL
+    file raises ``ConfigError`` naming the field; train.py builds both splits before any model."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
+    t = cfg.task
+    field = f"task.path={t.path!r}" if t.name == "jsonl" else f"task.options={t.options!r}"
+    try:
+        return _build(cfg, split)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of a dataset's own checks is a config error
+        why = str(e).strip().splitlines()[0] if str(e).strip() else "(no message)"
+        raise ConfigError(f"{field}: task {t.name!r} ({split} split) refused it: {type(e).__name__}: {why}") from e
+
+
+def _build(cfg: Config, split: str) -> Task:
+    t = cfg.task
     seed = t.seed if split == "train" else t.seed + 1
     size = t.size if split == "train" else max(cfg.eval.prompts, 1)
     if t.name == "synthetic":

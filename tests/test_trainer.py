@@ -2,6 +2,7 @@
 left-padding invariance of the policy's log-probs, rollout shapes, gradient-accumulation exactness."""
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -27,6 +28,19 @@ TINY = str(config.CONFIG_DIR / "tiny.toml")
     (["--task.name=no_such_dataset"], "task.name"),
     (["--model.path=tiny-llama", "--task.name=synthetic", "--logz.detach_input=maybe"], "logz.detach_input"),
     (["steps=3"], "unexpected argument"),
+    # issue 22: every number finite and in range; the task's own checks before any model
+    (["--optim.lr=inf"], r"optim.lr=inf must be in \(0, 1\]"),
+    (["--optim.lr=nan"], "optim.lr=nan"),
+    (["--logz.lr=2.0"], "logz.lr=2.0"),
+    (["--algo.clip=[0.8, inf]"], r"algo.clip=\[0.8, inf\] must be a finite number"),
+    (["--algo.beta=inf"], "algo.beta=inf must be a finite number"),
+    (["--optim.grad_clip=nan"], "optim.grad_clip=nan must be a finite number"),
+    (["--optim.betas=[0.9, nan]"], "optim.betas"),
+    (["--eval.temperature=inf"], "eval.temperature=inf must be a finite number"),
+    (["--run.seed=-1"], r"run.seed=-1 must be in \[0"),
+    (["--task.name=basic_arithmetic", "--task.options={min_terms=5, max_terms=2}"],
+     "task.options=.*'basic_arithmetic'.*AssertionError: max_terms must be >= min_terms"),
+    (["--task.name=basic_arithmetic", "--task.options={no_such_option=1}"], "task.options=.*no_such_option"),
 ])
 def test_bad_config_fails_before_any_model_is_built(argv, needle, monkeypatch, tmp_path):
     def no_build(*a, **k):
@@ -311,3 +325,97 @@ def test_fused_path_requires_the_op(monkeypatch):
     env = distributed.Env(0, 0, 1, torch.device("cpu"), None)
     with pytest.raises(ValueError, match="linear_token_logprobs"):
         model.build(cfg, env)
+
+
+# ----------------------------------------------------------------------------------------------------
+# issue 22: rewards that fail, non-finite weights, strict-JSON metrics, the stop message
+# ----------------------------------------------------------------------------------------------------
+class _Rewards(tasks.Task):
+    def __init__(self, reward):
+        super().__init__([tasks.Problem(f"q{i}", "1") for i in range(3)], "", tasks.Problem("q", "1"), "1")
+        self._reward = reward
+
+    def reward(self, p, response):
+        return self._reward(p, response)
+
+
+def _no_bad(p, r):
+    if r == "boom" * 100:
+        raise KeyError("no such field")
+    return {"ok": 1.0, "nan": float("nan"), "none": None, "str": "1.0"}.get(r, 0.0)
+
+
+def test_reward_failures_name_the_task_and_sample():
+    cfg = config.load(["--config", TINY])
+    env = distributed.Env(0, 0, 1, torch.device("cpu"), None)
+    task = _Rewards(_no_bad)
+    probs = [task[0], task[1]]
+    r = train.score(task, probs, ["ok", "x", "nan", "ok"], 2, cfg, env, "step 3")
+    assert r.dtype == torch.float64 and r[0] == 1.0 and r[1] == 0.0 and r[2].isnan()  # NaN: the step is skipped
+    with pytest.raises(train.TrainingStopped, match=r"task 'synthetic' raised KeyError: 'no such field' \(step 3, "
+                       r"rank 0, prompt 1 of this rank's batch, sample 1; question 'q1'; "
+                       r"completion 'boomboom.*\.\.\.\)"):
+        train.score(task, probs, ["ok", "x", "ok", "boom" * 100], 2, cfg, env, "step 3")
+    with pytest.raises(train.TrainingStopped, match="returned NoneType None, not a number.*prompt 0 .*sample 1"):
+        train.score(task, probs, ["ok", "none", "ok", "ok"], 2, cfg, env, "evaluation at step 0")
+    with pytest.raises(train.TrainingStopped, match="returned str '1.0', not a number"):
+        train.score(task, probs, ["str", "ok", "ok", "ok"], 2, cfg, env, "step 1")
+
+
+def test_params_finite_catches_inf_and_nan():
+    policy, _ = _tiny_policy()
+    env = distributed.Env(0, 0, 1, torch.device("cpu"), None)
+    assert train.params_finite(policy, env)
+    w = policy.lm.get_output_embeddings().weight
+    for bad in (float("inf"), float("nan"), -float("inf")):
+        with torch.no_grad():
+            old = w[3, 5].item()
+            w[3, 5] = bad
+        assert not train.params_finite(policy, env)
+        with torch.no_grad():
+            w[3, 5] = old
+    with torch.no_grad():
+        w.fill_(3e38)  # finite, and a float32 sum would overflow: not flagged
+    assert train.params_finite(policy, env)
+
+
+def test_metrics_jsonl_is_strict_json(tmp_path):
+    from flowrl import plot
+    from flowrl.metrics import Metrics
+    m = Metrics(tmp_path, True, 2)
+    m.step({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "reward_mean": 0.5, "accuracy": 0.0,
+            "skipped": 1})
+    m.samples({"step": 1, "rewards": [1.0, float("nan")], "responses": ["a", "b"]})
+    m.eval({"step": 1, "accuracy": float("-inf"), "samples": 2, "pass_at_k": 0.0, "distinct_correct": 0.0,
+            "answer_entropy": 0.0, "format_rate": 0.0, "response_len": 1.0})
+    m.close()
+
+    def strict(text):
+        return [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in {text!r}"))
+                for line in text.splitlines()]
+    rec, = strict((tmp_path / "metrics.jsonl").read_text())
+    assert rec["loss"] is None and rec["grad_norm"] is None and rec["skipped"] == 1 and rec["reward_mean"] == 0.5
+    assert strict((tmp_path / "samples.jsonl").read_text())[0]["rewards"] == [1.0, None]
+    assert strict((tmp_path / "eval.jsonl").read_text())[0]["accuracy"] is None
+    assert plot.read_jsonl(tmp_path / "metrics.jsonl") == [rec]
+    Metrics(tmp_path, True, 2, resume_step=1).close()  # resume reads them back
+    assert strict((tmp_path / "metrics.jsonl").read_text()) == [rec]
+
+
+def test_last_good_checkpoint_message(tmp_path):
+    cfg = config.load(["--config", TINY, f"--run.out_dir={tmp_path}", "--checkpoint.every=1"])
+    assert train.last_good(cfg, None).startswith("none yet (checkpoint.every=1")
+    cfg = config.load(["--config", TINY, f"--run.out_dir={tmp_path}"])
+    assert train.last_good(cfg, None) == "none (set checkpoint.every)"
+    assert train.last_good(cfg, tmp_path / "elsewhere" / "step_000004").endswith("step_000004")
+
+
+def test_bad_jsonl_task_is_a_config_error_naming_the_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "init", lambda *a, **k: pytest.fail("built something despite a bad task"))
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "2+2?", "answer": "4"}\n{"prompt": "3+3?", "answer": 6\n')
+    with pytest.raises(config.ConfigError, match=r"task.path=.*d.jsonl:2 is not a JSON object"):
+        train.main(["--config", TINY, "--task.name=jsonl", f"--task.path={path}", f"--run.out_dir={tmp_path}"])
+    path.write_text('["prompt", "answer"]\n')
+    with pytest.raises(config.ConfigError, match=r"d.jsonl:1 needs 'prompt' and 'answer' fields"):
+        train.main(["--config", TINY, "--task.name=jsonl", f"--task.path={path}", f"--run.out_dir={tmp_path}"])

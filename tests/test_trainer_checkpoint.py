@@ -121,10 +121,44 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
     run = tmp_path / "runs" / "nan"
     recs = records(run, "metrics")
     assert [r["skipped"] for r in recs] == [0, 1, 0, 1, 1]
-    assert math.isfinite(recs[2]["loss"]) and not math.isfinite(recs[1]["loss"])
+    assert math.isfinite(recs[2]["loss"]) and recs[1]["loss"] is None  # strict JSON: null, not a bare NaN
     # skipped steps write no checkpoint: the newest is step 3, intact, with 2 optimizer updates (1 and 3)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000001", "step_000003"]
     t = checkpoint_tensors(run / "checkpoints" / "step_000003", tmp_path)
     assert all(torch.isfinite(v).all() for v in t.values())
     steps = {float(v) for k, v in t.items() if k.endswith(".step")}
     assert steps == {2.0}, steps
+
+
+@pytest.mark.slow
+def test_non_finite_weights_stop_before_generate(tmp_path):
+    """An update that leaves NaN / inf weights (finite loss and grad norm: e.g. a huge lr) stops the run
+    before the next rollout samples from them; the checkpoint of the step before is named and kept."""
+    res = launch(tmp_path, "w", fault="nan_param@2", expect=1,
+                 extra=["--checkpoint.every=1", "--eval.prompts=0", "--checkpoint.keep=5"])
+    assert "stopped: step 2: an optimizer step left non-finite weights" in res.stderr, res.stderr[-2000:]
+    assert "Last good checkpoint: runs/w/checkpoints/step_000001." in res.stderr and "Traceback" not in res.stderr
+    run = tmp_path / "runs" / "w"
+    assert len(records(run, "metrics")) == 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000001"]
+
+
+@pytest.mark.slow
+def test_reward_failure_stops_cleanly_naming_the_sample(tmp_path):
+    """A task whose reward returns None at step 2: one message with the task and the sample, exit 1,
+    the step-1 checkpoint kept (runs train.py as __main__ with the task's reward patched)."""
+    code = ("import runpy, sys\nfrom flowrl import tasks\nseen = []\n"
+            "def reward(self, p, response):\n"
+            "    seen.append(1)\n"
+            "    return None if len(seen) > 16 else 0.5\n"  # step 1: 4 prompts x 4 samples
+            "tasks.SyntheticTask.reward = reward\n"
+            f"sys.argv = ['train.py'] + {BASE + ['--run.name=rw', '--checkpoint.every=1', '--eval.prompts=0']!r}\n"
+            f"runpy.run_path({str(ROOT / 'flowrl' / 'train.py')!r}, run_name='__main__')\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", FLOWRL_FAULT="")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert ("stopped: the reward of task 'synthetic' returned NoneType None, not a number (step 2, rank 0, "
+            "prompt 0 of this rank's batch, sample 0; question 'first digit of") in res.stderr, res.stderr[-2000:]
+    assert "completion '" in res.stderr and "Last good checkpoint: runs/rw/checkpoints/step_000001." in res.stderr
+    assert "Traceback" not in res.stderr
