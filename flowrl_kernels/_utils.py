@@ -291,6 +291,10 @@ def check_vocab_contiguous(name: str, t: torch.Tensor) -> None:
 # impls used to disagree: T = 1e-39 gave NaN everywhere (1 / T overflows fp32), the native kernels gave
 # +-inf log-probs for T <= 1e-10, Triton NaN at T = 1e300 (1 / T underflows to 0).
 TEMPERATURE_RANGE = (1e-4, 1e4)
+# Coefficients (flowrl_loss's beta, grpo_loss's kl_coef and clip widths eps, group_normalize's eps) are
+# kept within 1e6: far inside fp32 (beta = 1e300 became inf in the kernels, and inf * 0 = NaN), and far
+# beyond any useful value (beta is 15 in the paper, eps ~ 0.2, kl_coef ~ 0.04).
+COEF_MAX = 1e6
 _I64 = (-(2**63), 2**63 - 1)
 
 

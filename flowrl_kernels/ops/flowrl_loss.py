@@ -18,7 +18,7 @@ import torch
 
 from .._triton_compat import tl, triton
 from .. import reference
-from .._utils import (check_real, check_same_device, check_same_shape, check_tensor, device_guard, empty,
+from .._utils import (COEF_MAX, check_real, check_same_device, check_same_shape, check_tensor, device_guard, empty,
                       resolve_impl, triton_interpret)
 
 # ----------------------------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def flowrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
         mask: [B, T] bool / int / float. A float (or int) mask acts as per-token weights: L_i = sum_t m_it
             and the means are weighted means, exactly as in the reference. Holes, left or right padding
             are all the same to the op: only m_it matters.
-        beta: reward scale (15 in the paper), any finite real number (runtime kernel argument).
+        beta: reward scale (15 in the paper), a real number in [-1e6, 1e6] (runtime kernel argument).
         clip: (lo, hi) bounds on w, or None (= (None, None)); each bound a finite real or None. lo <= 0 or
             None means no lower bound; hi > 0, hi=None saturates the log-weight at 64 (w ~ 6.2e27), as
             does any hi above exp(64); lo <= hi. Infinite bounds are a ValueError (use None). The clip
@@ -435,7 +435,7 @@ def flowrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
         raise ValueError(f"importance must be one of {tuple(IMPORTANCE_CODES)}, got {importance!r}.")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
-    beta = check_real("beta", beta)
+    beta = check_real("beta", beta, lo=-COEF_MAX, hi=COEF_MAX)
     clip = normalize_clip(clip)
     log_lo, log_hi = reference._log_clip(clip)
     impl = _fast_impl(impl, device, "flowrl_loss_fwd", "flowrl_loss", logp=logp, old_logp=old_logp,

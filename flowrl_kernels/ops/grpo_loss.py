@@ -10,7 +10,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .. import reference
-from .._utils import check_real, check_same_device, check_same_shape, check_tensor, resolve_impl
+from .._utils import COEF_MAX, check_real, check_same_device, check_same_shape, check_tensor, resolve_impl
 from .flowrl_loss import LOGP_DTYPES, check_logp_mask
 
 REDUCTIONS = ("token_mean", "seq_mean", "sum", "none")
@@ -30,8 +30,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         logp: [B, T] float, receives the gradient. old_logp, ref_logp: [B, T] float constants.
         advantages: [B] (one per sequence, e.g. ``group_normalize(rewards, G)``) or [B, T], float.
         mask: [B, T] bool / int / float (weights).
-        eps: (low, high) clip widths, finite reals >= 0 (DAPO's clip-higher: e.g. (0.2, 0.28)).
-        kl_coef: weight of the k3 KL term, a finite real (needs ref_logp when != 0).
+        eps: (low, high) clip widths, reals in [0, 1e6] (DAPO's clip-higher: e.g. (0.2, 0.28)).
+        kl_coef: weight of the k3 KL term, a real in [0, 1e6] (needs ref_logp when != 0).
         reduction: "token_mean" (over all valid tokens), "seq_mean" (mean of per-sequence token means),
             "sum", or "none" ([B, T], 0 where masked).
     Returns (loss, stats): stats = {clip_frac, ratio_mean, kl} token means over valid tokens (detached).
@@ -60,8 +60,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         check_same_device(logp=logp, ref_logp=ref_logp)
     if not isinstance(eps, (tuple, list)) or len(eps) != 2:
         raise ValueError(f"eps must be a pair of floats >= 0 (low, high clip widths), got {eps!r}.")
-    eps = (check_real("eps[0]", eps[0], lo=0.0), check_real("eps[1]", eps[1], lo=0.0))
-    kl_coef = check_real("kl_coef", kl_coef)
+    eps = tuple(check_real(f"eps[{i}]", e, lo=0.0, hi=COEF_MAX) for i, e in enumerate(eps))
+    kl_coef = check_real("kl_coef", kl_coef, lo=0.0, hi=COEF_MAX)
     if kl_coef != 0.0 and ref_logp is None:
         raise ValueError(f"kl_coef={kl_coef} needs ref_logp (the reference policy's token log-probs).")
     if reduction not in REDUCTIONS:

@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import reference
-from .._utils import check_int, check_real, check_same_device, check_same_shape, check_tensor, resolve_impl
+from .._utils import COEF_MAX, check_int, check_real, check_same_device, check_same_shape, check_tensor, resolve_impl
 from .flowrl_loss import (IMPORTANCE_CODES, LOGP_DTYPES, MASK_DTYPES, _fast_impl, _fwd_impl, _fwd_op,
                           check_logp_mask, normalize_clip)
 
@@ -107,9 +107,10 @@ def group_normalize(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, *
     """GRPO's group z-score (r - mean_g) / (std_g + eps), std unbiased, over consecutive groups.
 
     rewards [B] float (or int / bool: promoted to float32), B % group_size == 0, responses of one prompt
-    adjacent; group_size a Python int >= 1; eps a finite real >= 0 (eps=0 allowed). Returns float32 [B]
+    adjacent; group_size a Python int >= 1; eps a real in [0, 1e6] (eps=0 allowed). Returns float32 [B]
     (float64 for float64 rewards). A group of equal rewards gives exactly 0 (also with eps=0), as does a
-    spread that underflows the dtype (std + eps == 0); group_size == 1 gives 0. Plain torch for every impl ([B] scalars; ``impl`` is validated only).
+    spread that underflows the dtype (std + eps == 0); group_size == 1 gives 0. Plain torch for every impl
+    ([B] scalars; ``impl`` is validated only).
     """
     check_tensor("rewards", rewards, ndim=1)
     if rewards.dtype.is_complex:
@@ -118,7 +119,7 @@ def group_normalize(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, *
     if rewards.shape[0] % group_size != 0:
         raise ValueError(f"group_size={group_size} must be >= 1 and divide the number of rewards "
                          f"({rewards.shape[0]}); pass the number of responses per prompt.")
-    eps = check_real("eps", eps, lo=0.0)
+    eps = check_real("eps", eps, lo=0.0, hi=COEF_MAX)
     resolve_impl(impl, rewards.device, op="group_normalize")
     if not rewards.dtype.is_floating_point:
         rewards = rewards.to(torch.float32)
