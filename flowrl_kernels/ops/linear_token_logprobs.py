@@ -161,12 +161,15 @@ def _linear_logprobs_fwd_kernel(
         xt += tl.sum(tl.where(cols[None, :] == label[:, None], x, 0.0), axis=1)
         # every tile has >= 1 valid column, so m_new is finite after the first tile
         m_new = tl.maximum(m, tl.max(x, axis=1))
-        dm = (m - m_new) * c  # <= 0; the first tile's M_INIT gives 2^(-huge) = 0 (s, u are 0 anyway)
+        # <= 0; the first tile's M_INIT gives 2^(-huge) = 0 (s, u are 0 anyway). Clamped: for T < 0.3,
+        # (M_INIT - x) / T overflows to -inf and dm * s = -inf * 0 was NaN (entropy and gradients NaN at
+        # T = 0.1); below EXP2_FLOOR alpha is 0 either way
+        dm = tl.maximum((m - m_new) * c, EXP2_FLOOR)
         # padded columns: d = -inf clamps to EXP2_FLOOR, 2^d = 0 exactly and d * 2^d = 0 (no NaN, no
         # select); a NaN logit stays NaN (propagate_nan) and poisons its row, as it must
         d = tl.maximum((x - m_new[:, None]) * c, EXP2_FLOOR, propagate_nan=tl.PropagateNan.ALL)
         e = tl.exp2(d)
-        alpha = tl.exp2(tl.maximum(dm, EXP2_FLOOR))
+        alpha = tl.exp2(dm)
         # rebase the old sums to the new max: sum 2^(d + dm) (d + dm) = alpha (u + dm s)
         u = alpha * (u + dm * s) + tl.sum(d * e, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
@@ -211,7 +214,10 @@ def _linear_logprobs_merge_kernel(
         m_new = tl.maximum(m, mj)
         a = tl.exp(m - m_new)
         b = tl.exp(mj - m_new)
-        u = a * (u + tl.where(s > 0, m - m_new, 0.0) * s) + b * (uj + (mj - m_new) * sj)
+        # a split with no tile for these rows (trailing splits when tiles % splits != 0, and 3 of the
+        # interpreter's 4 splits at V <= BLOCK_V) stored s = 0 and m = M_INIT / T, which is -inf for
+        # T < 0.3: (mj - m_new) * sj was then -inf * 0 = NaN (NaN entropy and gradients at T = 0.1)
+        u = a * (u + tl.where(s > 0, m - m_new, 0.0) * s) + tl.where(sj == 0, 0.0, b * (uj + (mj - m_new) * sj))
         s = a * s + b * sj
         m = m_new
         base += N
