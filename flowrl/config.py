@@ -92,7 +92,8 @@ class Model:
     linear_token_logprobs: [N, V] logits never exist; exact); 'logits': lm_head on the response rows,
     then flowrl_kernels.token_logprobs (holds [N, V] fp32 logits and their gradient)."""
     kernel_impl: str = ""
-    """Force flowrl_kernels' impl ('torch', 'triton', 'native'); '' = the library's default."""
+    """Preferred flowrl_kernels impl of the policy's log-prob ops ('torch', 'triton', 'native'); an op
+    without it on the device runs its default and logs that once; '' = the library's default."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward (less memory, ~30% more compute)."""
     param_dtype: str = "auto"

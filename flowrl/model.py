@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 import flowrl_kernels
+from flowrl_kernels import prefer_impl
 from flowrl import distributed
 from flowrl.config import DEFAULT_MODEL, TINY_MODELS, Config
 
@@ -215,8 +216,9 @@ class Policy(nn.Module):
         hook = self.lm.get_output_embeddings().register_forward_pre_hook(lambda m, args: captured.append(args[0]))
         try:
             resp = torch.cat([torch.zeros_like(input_ids[:, :prompt_len]), (labels != IGNORE_INDEX).long()], 1)
-            res = response_logprobs(self.lm, input_ids, attention_mask, resp, temperature=temperature,
-                                    return_entropy=entropy, impl=self.kernel_impl)
+            with prefer_impl(self.kernel_impl):  # a preference: an op without it runs its default (logged once)
+                res = response_logprobs(self.lm, input_ids, attention_mask, resp, temperature=temperature,
+                                        return_entropy=entropy)
         finally:
             hook.remove()
         # [B, P+R] aligned with input_ids -> the [B, R] response columns; cloned (B*R floats) because
@@ -234,8 +236,9 @@ class Policy(nn.Module):
         # position t predicts token t+1: the R response tokens are predicted from P-1 .. P+R-2; only
         # those rows go through lm_head (the prompt is 2/3 of the tokens in the default run)
         head = self.lm.get_output_embeddings()
-        res = flowrl_kernels.token_logprobs(head(hidden[:, prompt_len - 1: -1]), labels, temperature=temperature,
-                                            return_entropy=entropy, impl=self.kernel_impl)
+        with prefer_impl(self.kernel_impl):
+            res = flowrl_kernels.token_logprobs(head(hidden[:, prompt_len - 1: -1]), labels,
+                                                temperature=temperature, return_entropy=entropy)
         return (dict(zip(("logp", "entropy"), res)) if entropy else {"logp": res}), hidden
 
 

@@ -1,12 +1,15 @@
 """Shared plumbing for every op: which implementation runs, and argument checks.
 
 Every public op takes ``impl=None | "torch" | "triton" | "native"``:
-- explicit ``impl`` wins;
-- else the env var ``FLOWRL_KERNELS_IMPL`` (same values) overrides the default;
+- explicit ``impl`` wins, and is refused (ValueError naming the impls that exist) when the op or the
+  device has no such impl: e.g. ``"native"`` on a device the extension has no kernel for (flowrl_loss on
+  CUDA), never a dispatcher NotImplementedError;
+- else a *preference*: ``with prefer_impl(name):`` (the trainer's ``model.kernel_impl``), else the env
+  var ``FLOWRL_KERNELS_IMPL`` (same values). An op that has the preferred impl on the tensors' device
+  runs it; one that does not runs its default (below) and says so once per process and op (a WARNING
+  on the ``flowrl_kernels`` logger);
 - else the default: ``"triton"`` for CUDA tensors, ``"native"`` for CPU tensors when the compiled
-  extension is importable and implements the op, otherwise ``"torch"`` (the reference);
-- ``"native"`` on a device the extension has no kernel for (e.g. flowrl_loss on CUDA) is refused with a
-  ValueError naming the alternative, never a dispatcher NotImplementedError.
+  extension is importable and implements the op, otherwise ``"torch"`` (the reference).
 
 Checks raise ``ValueError`` naming the argument and saying how to fix it, before any kernel runs.
 None of them synchronizes with the device (no ``.item()`` on CUDA tensors).
@@ -16,6 +19,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import logging
+import math
+import numbers
 import os
 import warnings
 from typing import Iterable, Optional, Sequence
@@ -24,6 +30,9 @@ import torch
 
 IMPLS = ("torch", "triton", "native")
 ENV_IMPL = "FLOWRL_KERNELS_IMPL"
+_LOG = logging.getLogger("flowrl_kernels")
+# the preference set by ``prefer_impl`` (None: the env var, if any)
+_PREFERRED: Optional[str] = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,33 +112,36 @@ def _interpret() -> bool:
     return triton_interpret()
 
 
-def resolve_impl(impl: Optional[str], device: torch.device, *, native_op: Optional[str] = None,
-                 arg: str = "impl") -> str:
-    """Pick the implementation for one call (see module docstring).
+def _default_impl(device: torch.device, native_op: Optional[str]) -> str:
+    if device.type == "cuda" and _triton_usable():
+        return "triton"
+    if device.type == "cpu" and native_op is not None and native_has(native_op, "cpu"):
+        return "native"
+    return "torch"
 
-    Traceable by torch.compile (fullgraph=True): the availability checks are constants to Dynamo, so the
-    choice is made once, when the call is traced (the env var too: a later change of
-    FLOWRL_KERNELS_IMPL does not recompile an already compiled function). ``native_op`` is the op's
-    forward in ``torch.ops.flowrl_kernels_native``; "native" needs a kernel for ``device``'s type.
-    """
-    if impl is None:
-        impl = os.environ.get(ENV_IMPL) or None
-        if impl is not None and impl not in IMPLS:
-            raise ValueError(f"{ENV_IMPL}={impl!r} is not one of {IMPLS}; unset it or pick one of those.")
-    if impl is None:
-        if device.type == "cuda" and _triton_usable():
-            return "triton"
-        if device.type == "cpu" and native_op is not None and native_has(native_op, "cpu"):
-            return "native"
-        return "torch"
+
+def _available(device: torch.device, native_op: Optional[str]) -> str:
+    """The impls this op can run on ``device``'s type, for error messages."""
+    out = ["torch"]
+    if _triton_usable() and (device.type == "cuda" or _interpret()):
+        out.append("triton")
+    if native_op is not None and native_has(native_op, device.type):
+        out.append("native")
+    return ", ".join(repr(i) for i in out)
+
+
+def _check_forced(impl: str, device: torch.device, native_op: Optional[str], arg: str) -> str:
+    """``impl`` if this op has it on ``device``, else a ValueError naming the impls that exist."""
     if impl not in IMPLS:
         raise ValueError(f"{arg}={impl!r} is not one of {IMPLS}.")
+    here = f"this op has {_available(device, native_op)} for {device.type} tensors"
     if impl == "triton":
         if not _triton_usable():
-            raise ValueError(f"{arg}='triton' but triton is not importable; install triton or use impl='torch'.")
+            raise ValueError(f"{arg}='triton' but triton is not importable ({here}); install triton or use "
+                             "impl='torch'.")
         if device.type != "cuda" and not _interpret():
             raise ValueError(
-                f"{arg}='triton' needs CUDA tensors (got {device}); move the inputs to a GPU, "
+                f"{arg}='triton' needs CUDA tensors (got {device}; {here}); move the inputs to a GPU, "
                 "set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter, or use impl='torch'."
             )
     if impl == "native":
@@ -137,15 +149,75 @@ def resolve_impl(impl: Optional[str], device: torch.device, *, native_op: Option
         if native_op is None or not native_has(native_op, "cpu"):
             raise ValueError(
                 f"{arg}='native' but the native extension does not provide this op "
-                f"(native_available()={native_available()}); use {alt}, or build the extension with "
-                "`pip install --no-build-isolation -e .`."
+                f"(native_available()={native_available()}; {here}); use {alt}, or build the "
+                "extension with `pip install --no-build-isolation -e .`."
             )
         if device.type != "cpu" and not native_has(native_op, device.type):
             raise ValueError(
                 f"{arg}='native' has no {device.type} kernel for this op (the extension's {device.type} "
-                f"build provides only some ops); use {alt}, or move the inputs to the CPU."
+                f"build provides only some ops; {here}); use {alt}, or move the inputs to the CPU."
             )
     return impl
+
+
+_FALLBACKS_NOTED: set = set()
+
+
+@torch.compiler.assume_constant_result
+def _preferred(pref: str, device_type: str, native_op: str, op: str) -> str:
+    """The impl a preference resolves to (``native_op`` "" = none): ``pref`` when the op has it on this
+    device, else the op's default, logged once per (op, preference, device type). A constant to Dynamo."""
+    device = torch.device(device_type)
+    nop = native_op or None
+    try:
+        return _check_forced(pref, device, nop, "impl")
+    except ValueError:
+        chosen = _default_impl(device, nop)
+        key = (op, pref, device_type)
+        if key not in _FALLBACKS_NOTED:
+            _FALLBACKS_NOTED.add(key)
+            _LOG.warning("flowrl_kernels.%s: the preferred impl %r is not available for %s tensors (this op has "
+                         "%s); running impl=%r instead (said once per op).", op or "op", pref, device_type,
+                         _available(device, nop), chosen)
+        return chosen
+
+
+@contextlib.contextmanager
+def prefer_impl(impl: Optional[str]):
+    """``with prefer_impl("native"): ...``: ops called with ``impl=None`` inside prefer ``impl`` (over
+    FLOWRL_KERNELS_IMPL); an op without it on the tensors' device runs its default and logs that once.
+    ``None`` or "" leaves the current preference unchanged. Not thread-local (one preference per process)."""
+    global _PREFERRED
+    if impl in (None, ""):
+        yield
+        return
+    if impl not in IMPLS:
+        raise ValueError(f"prefer_impl({impl!r}): the impl must be one of {IMPLS}.")
+    old, _PREFERRED = _PREFERRED, impl
+    try:
+        yield
+    finally:
+        _PREFERRED = old
+
+
+def resolve_impl(impl: Optional[str], device: torch.device, *, native_op: Optional[str] = None,
+                 arg: str = "impl", op: str = "") -> str:
+    """Pick the implementation for one call (see module docstring).
+
+    Traceable by torch.compile (fullgraph=True): the availability checks are constants to Dynamo, so the
+    choice is made once, when the call is traced (the env var too: a later change of
+    FLOWRL_KERNELS_IMPL does not recompile an already compiled function). ``native_op`` is the op's
+    forward in ``torch.ops.flowrl_kernels_native``; "native" needs a kernel for ``device``'s type.
+    ``op``: the public op's name, for the once-per-op note when a preference falls back.
+    """
+    if impl is None:
+        pref = _PREFERRED or os.environ.get(ENV_IMPL) or None
+        if pref is None:
+            return _default_impl(device, native_op)
+        if pref not in IMPLS:
+            raise ValueError(f"{ENV_IMPL}={pref!r} is not one of {IMPLS}; unset it or pick one of those.")
+        return _preferred(pref, device.type, native_op or "", op)
+    return _check_forced(impl, device, native_op, arg)
 
 
 def device_guard(t: torch.Tensor):
@@ -213,13 +285,64 @@ def check_vocab_contiguous(name: str, t: torch.Tensor) -> None:
         )
 
 
+# The temperature range every impl supports in fp32 with results equal to the torch spec: the kernels
+# scale by 1 / T (one fp32 multiply), so 1 / T must be a normal fp32 number far from overflow and z = x / T
+# must stay finite for any logits a model produces (|x| <~ 1e4: |z| <~ 1e8 at T = 1e-4). Outside it the
+# impls used to disagree: T = 1e-39 gave NaN everywhere (1 / T overflows fp32), the native kernels gave
+# +-inf log-probs for T <= 1e-10, Triton NaN at T = 1e300 (1 / T underflows to 0).
+TEMPERATURE_RANGE = (1e-4, 1e4)
+# Coefficients (flowrl_loss's beta, grpo_loss's kl_coef and clip widths eps, group_normalize's eps) are
+# kept within 1e6: far inside fp32 (beta = 1e300 became inf in the kernels, and inf * 0 = NaN), and far
+# beyond any useful value (beta is 15 in the paper, eps ~ 0.2, kl_coef ~ 0.04).
+COEF_MAX = 1e6
+_I64 = (-(2**63), 2**63 - 1)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor))
+
+
+def check_real(name: str, value, *, lo: Optional[float] = None, hi: Optional[float] = None,
+               lo_open: bool = False, hi_open: bool = False, finite: bool = True) -> float:
+    """The one check of every numeric (scalar) argument of the public ops -> ``float(value)``.
+
+    Accepts a Python int / float (or a numpy real); refuses bools, strings, None, tensors (a tensor scalar
+    would be a device sync per call; use ``float(t)``) and NaN. ``finite``: also refuse +-inf. ``lo`` /
+    ``hi``: the allowed range, closed unless ``lo_open`` / ``hi_open``. Raises a ValueError naming the
+    argument, the value and the allowed range."""
+    rng = "({}{}, {}{})".format("(" if lo_open else "[", "-inf" if lo is None else f"{lo:g}",
+                                "inf" if hi is None else f"{hi:g}", ")" if hi_open else "]")[1:-1]
+    rng = ("finite " if finite else "") + "real number" + ("" if lo is None and hi is None else " in " + rng)
+    if not _is_real(value):
+        hint = "; use float(t)" if isinstance(value, torch.Tensor) else ""
+        raise ValueError(f"{name} must be a {rng} (a Python int or float), got {type(value).__name__} "
+                         f"{value!r}{hint}.")
+    v = float(value)
+    bad = math.isnan(v) or (finite and math.isinf(v))
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        bad = True
+    if hi is not None and (v > hi or (hi_open and v == hi)):
+        bad = True
+    if bad:
+        raise ValueError(f"{name}={value!r} is outside its range: it must be a {rng}.")
+    return v
+
+
+def check_int(name: str, value, *, lo: int = _I64[0], hi: int = _I64[1]) -> int:
+    """A Python int (not bool, not a float such as -100.0) in [lo, hi] -> int(value); else a ValueError
+    naming the argument, the value and the range (default: int64)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a Python int in [{lo}, {hi}], got {type(value).__name__} {value!r}.")
+    v = int(value)
+    if not lo <= v <= hi:
+        raise ValueError(f"{name}={v} is outside its range: it must be an int in [{lo}, {hi}].")
+    return v
+
+
 def check_temperature(temperature) -> float:
-    if isinstance(temperature, torch.Tensor):
-        raise ValueError("temperature must be a Python float (a runtime scalar), not a tensor; use float(t).")
-    t = float(temperature)
-    if not (t > 0.0) or t == float("inf"):
-        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}.")
-    return t
+    """A real number in TEMPERATURE_RANGE = [1e-4, 1e4] (see there why) -> float."""
+    lo, hi = TEMPERATURE_RANGE
+    return check_real("temperature", temperature, lo=lo, hi=hi)
 
 
 def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int, *, validate: bool,

@@ -127,11 +127,13 @@ def seq_log_ratio(logp: torch.Tensor, other_logp: torch.Tensor, mask: torch.Tens
     return masked_mean(diff, mask) if normalize == "mean" else _masked_sum(diff, mask)
 
 
-def _log_clip(clip: Tuple[Optional[float], Optional[float]]):
-    lo, hi = clip
+def _log_clip(clip: Optional[Tuple[Optional[float], Optional[float]]]):
+    lo, hi = (None, None) if clip is None else clip
     log_lo = -math.inf if lo is None or lo <= 0 else math.log(lo)
     log_hi = _LOG_W_MAX if hi is None else min(math.log(hi), _LOG_W_MAX)
-    return log_lo, log_hi
+    # a lower bound above the saturation point (lo > exp(64)) saturates with it: log_lo <= log_hi always,
+    # so clamp(log_lo, log_hi) and the kernels' where-based clip agree
+    return min(log_lo, log_hi), log_hi
 
 
 def importance_weights(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, *,
@@ -186,12 +188,18 @@ def group_normalize(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -
             f"group_size={group_size} must be >= 1 and divide the number of rewards ({rewards.shape[0]})."
         )
     cd = compute_dtype(rewards)
-    r = rewards.to(cd).view(-1, group_size)
+    r = rewards.to(cd).reshape(-1, group_size)
     centered = r - r.mean(-1, keepdim=True)
     if group_size == 1:
         return torch.zeros_like(centered).view(-1)
     std = r.std(-1, unbiased=True, keepdim=True)
-    return (centered / (std + eps)).view(-1)
+    den = std + eps
+    # exactly 0 for a group of equal rewards (its mean may differ from them by an ulp, so centered / den
+    # alone would give ~+-0.6 with eps=0, or NaN = 0 / 0) and for a spread that underflows to den = 0
+    zero = (r == r[:, :1]).all(-1, keepdim=True) | (den == 0)
+    out = torch.where(zero, torch.zeros((), dtype=cd, device=r.device),
+                      centered / torch.where(zero, torch.ones_like(den), den))
+    return out.view(-1)
 
 
 # ----------------------------------------------------------------------------------------------------

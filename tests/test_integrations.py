@@ -540,3 +540,55 @@ def test_hf_response_logprobs_under_fsdp2(tmp_path):
     results = dict(queue.get(timeout=5) for _ in procs)
     # the same fp32 ops run on the same rows: only the rank-average of the gradients may round
     assert max(results.values()) <= 1e-6, results
+
+
+def test_trl_chunked_logprob_under_autocast_keeps_fp32_gradients(trl_mod, device):
+    """bf16=True with fp32 parameters: the shim cast hidden and weight to bf16, so the gradients reaching
+    the fp32 lm_head weight were bf16 values (g == g.bfloat16().float() exactly); TRL accumulates them in
+    fp32. Now fp32 values, at least as close to the float64 result as TRL's own autocast path."""
+    U, fk_trl = trl_mod
+    orig = U._ChunkedLogProbFunction
+    N, H, V = 29, 24, 301
+    h = torch.randn(N, H, device=device)
+    w = torch.randn(V, H, device=device) / H**0.5
+    y = torch.randint(0, V, (N,), device=device)
+    up = torch.randn(N, dtype=torch.float64, device=device)
+
+    def run(fn, dtype, autocast):
+        ins = [t.to(dtype).requires_grad_() for t in (h, w)]
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            res = fn.apply(ins[0], ins[1], None, y, 0.9, 128, None, 1.0, ("log_probs",))
+        return list(torch.autograd.grad((res[0].double() * up).sum(), ins))
+
+    ref = run(orig, torch.float64, False)
+    trl = run(orig, torch.float32, True)
+    with fk_trl.patched():
+        ours = run(U._ChunkedLogProbFunction, torch.float32, True)
+    for name, o, t, r in zip(["dh", "dw"], ours, trl, ref):
+        assert o.dtype == torch.float32, name
+        assert not torch.equal(o, o.bfloat16().float()), f"{name}: bf16-rounded values"
+        assert max_abs_err(o, r) <= max_abs_err(t, r), name
+        assert max_abs_err(o, t) <= 2 * max_abs_err(t, r) + 1e-6, name
+
+
+def test_trl_patched_binds_trainers_built_inside(trl_mod, tmp_path):
+    """`with fk_trl.patched():` around building the trainer only, then train() outside: TRL looks its
+    helpers up at call time, so TRL's original ran, silently. A trainer built inside keeps the patch."""
+    U, fk_trl = trl_mod
+    transformers = import_or_skip("transformers")
+    orig = U.selective_log_softmax
+
+    class Probe(transformers.Trainer):
+        def train(self, *args, **kwargs):  # what TRL's code reaches at call time
+            return U.selective_log_softmax is not orig
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    model = torch.nn.Linear(2, 2)
+    with fk_trl.patched():
+        trainer = Probe(model=model, args=args)
+        assert trainer.train()
+    assert U.selective_log_softmax is orig and not fk_trl.is_patched()
+    assert trainer.train()  # built inside: patched for the call ...
+    assert U.selective_log_softmax is orig and not fk_trl.is_patched()  # ... and only for it
+    assert not Probe(model=model, args=args).train()  # built outside: TRL's own code, as asked
+    assert transformers.Trainer.__init__.__module__ == "transformers.trainer"  # the construction hook is gone

@@ -63,6 +63,15 @@ struct Io<float> {
   }
 };
 
+// kRoundedZ: z = x / T is rounded to fp32 once, and every exponent is (rounded z) - m or - lse, never
+// fma(x, 1 / T, -m). m is the rounded max z, so the max entry's exponent is exactly 0 (as in torch's
+// softmax); an fma kept the rounding residual of z instead (up to ulp(|z|) / 2), which the backward,
+// against the fp32-rounded lse, turned into a relative error of ~|z| 2^-24 in p: 4e-4 of the gradient at
+// |z| = 1e4 (T = 1e-4, unit logits) where torch is exact. The build passes -ffp-contract=off
+// (CMakeLists.txt) so the compiler does not contract a * b + c into an fma behind our back.
+template <typename T>
+inline float scaled(T x, float inv_t) { return static_cast<float>(x) * inv_t; }
+
 // max that propagates NaN (like torch.max), for the scalar tails
 inline float nan_max(float a, float b) { return (a > b || std::isnan(a)) ? a : b; }
 
@@ -119,8 +128,8 @@ void token_logprobs_fwd_rows(const T* logits, int64_t row_stride, const int64_t*
       fVec s0(0.f), s1(0.f), w0(0.f), w1(0.f);
       for (j = 0; j + W <= n; j += W) {
         Io<T>::load(xc + j, a, b);
-        const fVec za = at::vec::maximum(at::vec::fmadd(a, vinv, vnm), vmin);
-        const fVec zb = at::vec::maximum(at::vec::fmadd(b, vinv, vnm), vmin);
+        const fVec za = at::vec::maximum(a * vinv + vnm, vmin);  // z rounded, then - m: see kRoundedZ
+        const fVec zb = at::vec::maximum(b * vinv + vnm, vmin);
         const fVec ea = za.exp(), eb = zb.exp();
         s0 = s0 + ea;
         s1 = s1 + eb;
@@ -129,7 +138,7 @@ void token_logprobs_fwd_rows(const T* logits, int64_t row_stride, const int64_t*
       }
       float st = reduce_sum(s0 + s1), wt = reduce_sum(w0 + w1);
       for (; j < n; ++j) {
-        const float z = std::max(std::fma(static_cast<float>(xc[j]), inv_t, -m), kMinExponent);
+        const float z = std::max(scaled(xc[j], inv_t) - m, kMinExponent);
         const float e = std::exp(z);
         st += e;
         wt += z * e;
@@ -141,7 +150,7 @@ void token_logprobs_fwd_rows(const T* logits, int64_t row_stride, const int64_t*
     const double logS = bad ? kNaN : std::log(S);
     lse_out[i] = static_cast<float>(m + logS);
     if (valid) {
-      const double zl = label >= 0 && label < V ? std::fma(static_cast<float>(x[label]), inv_t, -m) : kNaN;
+      const double zl = label >= 0 && label < V ? static_cast<double>(scaled(x[label], inv_t) - m) : kNaN;
       logp_out[i] = static_cast<float>(zl - logS);
       if (ent_out) ent_out[i] = static_cast<float>(logS - Wz / S);
     } else {
@@ -182,17 +191,17 @@ void token_logprobs_bwd_rows(const T* logits, int64_t row_stride, const int64_t*
     fVec a, b;
     for (; j + W <= V; j += W) {
       Io<T>::load(x + j, a, b);
-      const fVec ua = at::vec::maximum(at::vec::fmadd(a, vinv, vnl), vmin);
-      const fVec ub = at::vec::maximum(at::vec::fmadd(b, vinv, vnl), vmin);
+      const fVec ua = at::vec::maximum(a * vinv + vnl, vmin);
+      const fVec ub = at::vec::maximum(b * vinv + vnl, vmin);
       Io<T>::store(g + j, ua.exp() * at::vec::fmadd(vB, ua, vA), ub.exp() * at::vec::fmadd(vB, ub, vA));
     }
     for (; j < V; ++j) {
-      const float u = std::max(std::fma(static_cast<float>(x[j]), inv_t, -l), kMinExponent);
+      const float u = std::max(scaled(x[j], inv_t) - l, kMinExponent);
       g[j] = T(std::exp(u) * std::fma(B, u, A));
     }
     // the label's entry, recomputed in float and rounded once
     if (label >= 0 && label < V) {
-      const float u = std::max(std::fma(static_cast<float>(x[label]), inv_t, -l), kMinExponent);
+      const float u = std::max(scaled(x[label], inv_t) - l, kMinExponent);
       g[label] = T(std::fma(std::exp(u), std::fma(B, u, A), inv_t * gl));
     }
   }

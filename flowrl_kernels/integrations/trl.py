@@ -1,7 +1,8 @@
 """Route TRL's per-token log-prob / entropy helpers through flowrl_kernels.
 
     import flowrl_kernels.integrations.trl as fk_trl
-    fk_trl.patch()            # before building the trainer; or: with fk_trl.patched(): ...
+    fk_trl.patch()            # before building the trainer; or: with fk_trl.patched(): build AND train
+                              # (a trainer built inside the block keeps the patch for train/evaluate/predict)
 
 The contract each replacement keeps, read from trl 1.16.0 (``trl/trainer/utils.py``,
 ``trl/kernels/logprob_entropy.py``, ``trl/kernels/chunked_logprob.py``). TRL picks a path per call:
@@ -43,8 +44,10 @@ Semantics on every path (and ours):
   chunk_size, final_logit_softcapping, logit_scale, outputs)`` (``add_fused_lm_head``, the GRPO / RLOO
   trainers' log-prob path): TRL projects in the autocast dtype if autocast is on, else ``hidden``'s dtype,
   rounding each logit to it, folds in fp32; gradients accumulate in fp32 and come back in each input's
-  dtype. Ours takes the same inputs, folds the logit scale into the temperature
-  (``z * s / T = z / (T / s)``) and does not round the logits (within tolerance).
+  dtype. Ours projects in the wider of hidden's and weight's dtypes (under autocast with fp32 parameters:
+  fp32, so the gradients reaching an fp32 weight / hidden are fp32-accurate, never bf16 values), folds
+  the logit scale into the temperature (``z * s / T = z / (T / s)``) and does not round the logits
+  (within tolerance).
 
 Why the half-precision torch paths run TRL's own code: they are bitwise contracts (TRL's tests assert
 ``torch.equal`` with ``log_softmax(-1).gather`` for fp16 / bf16), and no fp32 result rounded once
@@ -65,12 +68,15 @@ fallback with its reason) is logged once per process at DEBUG on ``flowrl_kernel
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 
 import torch
 
 import flowrl_kernels as _fk
 
+from .._utils import TEMPERATURE_RANGE
 from ._patching import HALF, NO_IGNORE, Integration, PatchError, Target, entropy, note_path, why_not_ours
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "PatchError", "INTEGRATION"]
@@ -92,8 +98,19 @@ def _peer_predicates(original):
     return trl_kernel_path
 
 
-def _why_original(logits, index, row_mask, kernel_path):
+def _why_temperature(temperature):
+    """TRL takes any T > 0; ours refuses T outside TEMPERATURE_RANGE (where fp32 math stops matching)."""
+    lo, hi = TEMPERATURE_RANGE
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not lo <= temperature <= hi:
+        return f"temperature {temperature!r} outside flowrl_kernels' range [{lo:g}, {hi:g}] or not a float"
+    return None
+
+
+def _why_original(logits, index, row_mask, kernel_path, temperature=1.0):
     """The reason TRL's own code must run for this call (None: ours honours the contract)."""
+    t_why = _why_temperature(temperature)
+    if t_why is not None:
+        return t_why
     if index is not None and index.dim() != logits.dim() - 1:
         return "top-K index (..., K)"
     if not kernel_path and logits.dtype in HALF:
@@ -121,7 +138,7 @@ def _build_selective_log_softmax(original):
         if temperature <= 0:
             raise ValueError("temperature must be positive")
         kernel_path = trl_kernel_path(logits, index, row_mask)
-        why = _why_original(logits, index, row_mask, kernel_path)
+        why = _why_original(logits, index, row_mask, kernel_path, temperature)
         if why is not None:
             note_path(_LOG, name, f"TRL's own code ({why})")
             return original(logits, index, temperature=temperature, row_mask=row_mask)
@@ -157,7 +174,7 @@ def _build_selective_log_softmax_and_entropy(original):
         if temperature <= 0:
             raise ValueError("temperature must be positive")
         kernel_path = trl_kernel_path(logits, index, row_mask)
-        why = _why_original(logits, index, row_mask, kernel_path)
+        why = _why_original(logits, index, row_mask, kernel_path, temperature)
         if why is not None:
             note_path(_LOG, name, f"TRL's own code ({why})")
             return original(logits, index, entropy_requires_grad=entropy_requires_grad,
@@ -182,6 +199,9 @@ def _chunked_why_original(hidden, weight, temperature, final_logit_softcapping, 
         return "logit_scale <= 0"
     if not temperature > 0:
         return "temperature <= 0"
+    t_why = _why_temperature(float(temperature) / float(logit_scale))
+    if t_why is not None:
+        return t_why.replace("temperature", "temperature / logit_scale", 1)
     if hasattr(weight, "ds_id"):
         return "a DeepSpeed ZeRO-3 partitioned weight"
     return why_not_ours(hidden, name="hidden") or why_not_ours(weight, name="weight")
@@ -199,14 +219,17 @@ def _build_chunked_logprob(original):
                                   final_logit_softcapping, logit_scale, outputs)
         note_path(_LOG, name, "flowrl_kernels.linear_token_logprobs, float32 out")
         device = hidden.device.type
-        if torch.is_autocast_enabled(device):
-            # TRL projects in the autocast dtype; we take the same inputs (our op accumulates in fp32)
-            dt = torch.get_autocast_dtype(device)
-            hidden, weight = hidden.to(dt), weight.to(dt)
-            bias = None if bias is None else bias.to(dt)
-        elif weight.dtype != hidden.dtype:
-            weight = weight.to(hidden.dtype)
-            bias = None if bias is None else bias.to(hidden.dtype)
+        # Our op returns its gradients in its operands' dtype. TRL accumulates them in fp32 and casts back
+        # to each input's dtype, so an fp32 input gets an fp32-accurate gradient. Casting fp32 hidden /
+        # weight down to the autocast dtype here (as this did) made those gradients bf16 values
+        # (g == g.bfloat16().float() exactly): instead the operands are promoted to the wider of their
+        # dtypes. Under autocast with fp32 parameters that means an fp32 projection (exact logits where TRL
+        # rounds them to the autocast dtype; on GPU an fp32 / TF32 matmul, slower than TRL's bf16 one),
+        # and 16-bit inputs stay 16-bit.
+        dt = torch.promote_types(hidden.dtype, weight.dtype)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        if bias is not None and torch.promote_types(bias.dtype, dt) != dt:
+            bias = bias.to(dt)  # our op reads the bias in fp32 whatever its dtype; only a wider one is cast
         with torch.autocast(device, enabled=False):
             out = _fk.linear_token_logprobs(hidden, weight, targets, bias=bias,
                                             temperature=float(temperature) / float(logit_scale),
@@ -242,5 +265,57 @@ INTEGRATION = Integration(
 
 patch = INTEGRATION.patch
 unpatch = INTEGRATION.unpatch
-patched = INTEGRATION.patched
 is_patched = INTEGRATION.is_patched
+
+# the Trainer methods that run TRL's helpers; a trainer built inside ``patched()`` keeps the patch for them
+_TRAINER_ENTRY_POINTS = ("train", "evaluate", "predict")
+
+
+def _bind_to_patch(trainer) -> None:
+    """Make ``trainer``'s entry points run under ``patched()`` wherever they are called from."""
+    for name in _TRAINER_ENTRY_POINTS:
+        method = getattr(trainer, name, None)
+        if method is None or getattr(method, "__flowrl_kernels_bound__", False):
+            continue
+
+        def bound(*args, __method=method, __name=name, **kwargs):
+            if not is_patched():
+                note_path(_LOG, f"trl.Trainer.{__name}", "re-patched: the trainer was built inside "
+                          "fk_trl.patched() and is used after the block")
+            with INTEGRATION.patched():
+                return __method(*args, **kwargs)
+
+        bound = functools.wraps(method)(bound)
+        bound.__flowrl_kernels_bound__ = True
+        setattr(trainer, name, bound)
+
+
+@contextlib.contextmanager
+def patched():
+    """``with fk_trl.patched(): ...`` patches on entry and restores on exit (only if it patched).
+
+    TRL looks its helpers up at call time, so a trainer built inside the block and trained after it
+    would silently run TRL's own code. It cannot: every ``transformers.Trainer`` (all TRL trainers)
+    constructed inside the block has its ``train`` / ``evaluate`` / ``predict`` bound to the patch (each
+    call re-enters ``patched()``, noted once at DEBUG). ``patch()`` before building the trainer is the
+    plain way; ``unpatch()`` does not undo such a binding."""
+    try:
+        import transformers
+        base = transformers.Trainer
+    except Exception:  # noqa: BLE001 - without transformers there is no trainer to bind
+        base = None
+    if base is not None:
+        original_init = base.__dict__["__init__"]
+
+        @functools.wraps(original_init)
+        def init(self, *args, **kwargs):
+            original_init(self, *args, **kwargs)
+            _bind_to_patch(self)
+
+        base.__init__ = init
+    try:
+        with INTEGRATION.patched():
+            yield
+    finally:
+        if base is not None:
+            base.__init__ = original_init

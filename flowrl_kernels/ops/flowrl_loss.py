@@ -12,15 +12,14 @@ the two have the same inputs and outputs.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from .._triton_compat import tl, triton
 from .. import reference
-from .._utils import (check_same_device, check_same_shape, check_tensor, device_guard, empty, resolve_impl,
-                      triton_interpret)
+from .._utils import (COEF_MAX, check_real, check_same_device, check_same_shape, check_tensor, device_guard, empty,
+                      resolve_impl, triton_interpret)
 
 # ----------------------------------------------------------------------------------------------------
 # constants
@@ -334,21 +333,25 @@ class _EagerFlowRLLoss(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 # argument checks
 # ----------------------------------------------------------------------------------------------------
-def check_clip(clip) -> Tuple[float, float]:
-    """clip=(lo, hi) -> (log_lo, log_hi) as in the reference; either bound may be None."""
+def normalize_clip(clip) -> Tuple[Optional[float], Optional[float]]:
+    """clip=(lo, hi) | None -> (lo, hi) as floats or None: lo a finite real (<= 0: no lower bound) or None,
+    hi a finite real > 0 or None (no upper bound: the log-weight saturates at 64), lo <= hi. Infinite
+    bounds are refused (use None): (inf, inf) used to give inf on triton and 6.2e27 elsewhere."""
     if clip is None:
-        clip = (None, None)
+        return (None, None)
     if not isinstance(clip, (tuple, list)) or len(clip) != 2:
         raise ValueError(f"clip must be a pair (lo, hi) with either bound None, got {clip!r}.")
     lo, hi = clip
-    for name, v in (("clip[0]", lo), ("clip[1]", hi)):
-        if v is not None and (isinstance(v, torch.Tensor) or not isinstance(v, (int, float)) or math.isnan(v)):
-            raise ValueError(f"{name} must be a Python float or None (no bound), got {v!r}.")
-    if hi is not None and not float(hi) > 0:
-        raise ValueError(f"clip[1]={hi!r} must be > 0 (a ratio bound) or None for no upper bound.")
-    if lo is not None and hi is not None and float(lo) > float(hi):
-        raise ValueError(f"clip=({lo!r}, {hi!r}) has lo > hi; swap them.")
-    return reference._log_clip((None if lo is None else float(lo), None if hi is None else float(hi)))
+    lo = None if lo is None else check_real("clip[0]", lo)
+    hi = None if hi is None else check_real("clip[1]", hi, lo=0.0, lo_open=True)
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"clip=({clip[0]!r}, {clip[1]!r}) has lo > hi; swap them.")
+    return (lo, hi)
+
+
+def check_clip(clip) -> Tuple[float, float]:
+    """clip=(lo, hi) -> (log_lo, log_hi) as in the reference (see ``normalize_clip``)."""
+    return reference._log_clip(normalize_clip(clip))
 
 
 def check_logp_mask(logp, mask, *others, logp_name="logp") -> torch.device:
@@ -370,14 +373,15 @@ def _check_per_seq(name: str, t, B: int) -> None:
         raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [B] = [{B}] (one value per row of logp).")
 
 
-def _fast_impl(impl: Optional[str], device: torch.device, native_op: str, *tensors: torch.Tensor) -> str:
+def _fast_impl(impl: Optional[str], device: torch.device, native_op: str, op: str, **tensors: torch.Tensor) -> str:
     """resolve_impl, except float64 inputs (gradcheck, references) default to the float64 torch path."""
-    f64 = any(t.dtype == torch.float64 for t in tensors)
+    f64 = [name for name, t in tensors.items() if t.dtype == torch.float64]
     if impl is None and f64:
         return "torch"
-    impl = resolve_impl(impl, device, native_op=native_op)
+    impl = resolve_impl(impl, device, native_op=native_op, op=op)
     if f64 and impl != "torch":
-        raise ValueError(f"impl={impl!r} computes in float32; float64 inputs need impl='torch' (or cast them).")
+        raise ValueError(f"{', '.join(f64)} {'has' if len(f64) == 1 else 'have'} dtype float64, but impl={impl!r} "
+                         "computes in float32; use impl='torch' (or cast to float32).")
     return impl
 
 
@@ -407,10 +411,11 @@ def flowrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
         mask: [B, T] bool / int / float. A float (or int) mask acts as per-token weights: L_i = sum_t m_it
             and the means are weighted means, exactly as in the reference. Holes, left or right padding
             are all the same to the op: only m_it matters.
-        beta: reward scale (15 in the paper), a Python float (runtime kernel argument).
-        clip: (lo, hi) bounds on w, either may be None; lo <= 0 means no lower bound, hi=None saturates
-            the log-weight at 64 (w ~ 6.2e27). The clip acts on the log-ratio, so |log-ratio| of 1e4 or
-            32k-token sequences never overflow.
+        beta: reward scale (15 in the paper), a real number in [-1e6, 1e6] (runtime kernel argument).
+        clip: (lo, hi) bounds on w, or None (= (None, None)); each bound a finite real or None. lo <= 0 or
+            None means no lower bound; hi > 0, hi=None saturates the log-weight at 64 (w ~ 6.2e27), as
+            does any hi above exp(64); lo <= hi. Infinite bounds are a ValueError (use None). The clip
+            acts on the log-ratio, so |log-ratio| of 1e4 or 32k-token sequences never overflow.
         reduction: "mean" | "sum" | "none".
         empty: the rule for an empty row (L_i = 0): "zero" (weight 0, the default) or "logz" (w_i = 1 and
             delta_i = log_z_i: the row adds log_z_i^2, as in the FlowRL authors' code; docs/flowrl.md).
@@ -455,12 +460,13 @@ def flowrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
     if empty not in EMPTY_RULES:
         raise ValueError(f"empty must be one of {EMPTY_RULES} ('zero': an empty response weighs 0; 'logz': it "
                          f"adds log_z^2, the FlowRL authors' rule), got {empty!r}.")
-    if isinstance(beta, torch.Tensor) or not math.isfinite(float(beta)):
-        raise ValueError(f"beta must be a finite Python float, got {beta!r}.")
-    log_lo, log_hi = check_clip(clip)
-    impl = _fast_impl(impl, device, "flowrl_loss_fwd", logp, old_logp, ref_logp, log_z, rewards)
+    beta = check_real("beta", beta, lo=-COEF_MAX, hi=COEF_MAX)
+    clip = normalize_clip(clip)
+    log_lo, log_hi = reference._log_clip(clip)
+    impl = _fast_impl(impl, device, "flowrl_loss_fwd", "flowrl_loss", logp=logp, old_logp=old_logp,
+                      ref_logp=ref_logp, log_z=log_z, rewards=rewards)
     if impl == "torch":
-        return reference.flowrl_loss(logp, old_logp, ref_logp, log_z, rewards, mask, beta=float(beta),
+        return reference.flowrl_loss(logp, old_logp, ref_logp, log_z, rewards, mask, beta=beta,
                                      importance=importance, clip=clip, reduction=reduction, empty=empty)
 
     fwd = _fwd_op if torch.compiler.is_compiling() else _EagerFlowRLLoss.apply

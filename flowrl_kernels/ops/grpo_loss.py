@@ -5,13 +5,12 @@ values it already holds, and it is here so both algorithms share one argument-ch
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from .. import reference
-from .._utils import check_same_device, check_same_shape, check_tensor, resolve_impl
+from .._utils import COEF_MAX, check_real, check_same_device, check_same_shape, check_tensor, resolve_impl
 from .flowrl_loss import LOGP_DTYPES, check_logp_mask
 
 REDUCTIONS = ("token_mean", "seq_mean", "sum", "none")
@@ -31,8 +30,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         logp: [B, T] float, receives the gradient. old_logp, ref_logp: [B, T] float constants.
         advantages: [B] (one per sequence, e.g. ``group_normalize(rewards, G)``) or [B, T], float.
         mask: [B, T] bool / int / float (weights).
-        eps: (low, high) clip widths, floats >= 0 (DAPO's clip-higher: e.g. (0.2, 0.28)).
-        kl_coef: weight of the k3 KL term (needs ref_logp when != 0).
+        eps: (low, high) clip widths, reals in [0, 1e6] (DAPO's clip-higher: e.g. (0.2, 0.28)).
+        kl_coef: weight of the k3 KL term, a real in [0, 1e6] (needs ref_logp when != 0).
         reduction: "token_mean" (over all valid tokens), "seq_mean" (mean of per-sequence token means),
             "sum", or "none" ([B, T], 0 where masked).
     Returns (loss, stats): stats = {clip_frac, ratio_mean, kl} token means over valid tokens (detached).
@@ -59,15 +58,14 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         check_tensor("ref_logp", ref_logp, dtypes=LOGP_DTYPES)
         check_same_shape("logp", logp, "ref_logp", ref_logp)
         check_same_device(logp=logp, ref_logp=ref_logp)
-    if not isinstance(eps, (tuple, list)) or len(eps) != 2 or any(
-            isinstance(e, torch.Tensor) or not isinstance(e, (int, float)) or not 0 <= e < math.inf for e in eps):
+    if not isinstance(eps, (tuple, list)) or len(eps) != 2:
         raise ValueError(f"eps must be a pair of floats >= 0 (low, high clip widths), got {eps!r}.")
-    if isinstance(kl_coef, torch.Tensor) or not math.isfinite(float(kl_coef)):
-        raise ValueError(f"kl_coef must be a finite Python float, got {kl_coef!r}.")
+    eps = tuple(check_real(f"eps[{i}]", e, lo=0.0, hi=COEF_MAX) for i, e in enumerate(eps))
+    kl_coef = check_real("kl_coef", kl_coef, lo=0.0, hi=COEF_MAX)
     if kl_coef != 0.0 and ref_logp is None:
         raise ValueError(f"kl_coef={kl_coef} needs ref_logp (the reference policy's token log-probs).")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
-    resolve_impl(impl, device)
-    return reference.grpo_loss(logp, old_logp, advantages, mask, eps=(float(eps[0]), float(eps[1])),
-                               ref_logp=ref_logp, kl_coef=float(kl_coef), reduction=reduction)
+    resolve_impl(impl, device, op="grpo_loss")
+    return reference.grpo_loss(logp, old_logp, advantages, mask, eps=eps, ref_logp=ref_logp, kl_coef=kl_coef,
+                               reduction=reduction)

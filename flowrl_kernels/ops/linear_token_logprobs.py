@@ -45,8 +45,8 @@ import torch
 from .._triton_compat import tl, triton
 from . import configs
 from .token_logprobs import EXP2_FLOOR, K_LN2, K_LOG2E, M_INIT
-from .._utils import (check_labels_in_range, check_same_device, check_temperature, check_tensor, device_guard,
-                     empty, resolve_impl, triton_interpret)
+from .._utils import (check_int, check_labels_in_range, check_same_device, check_temperature, check_tensor,
+                     device_guard, empty, resolve_impl, triton_interpret)
 
 # Tiles, warps, stages and L2 groups on the GPU: per arch in ops/configs.py (bench/sweep.py tunes them).
 _BLOCK_N_SMALL = 64  # wgmma's minimum M; the "linear_fwd_small_n" entry serves N <= 64 (decode batches)
@@ -163,12 +163,15 @@ def _linear_logprobs_fwd_kernel(
         xt += tl.sum(tl.where(cols[None, :] == label[:, None], x, 0.0), axis=1)
         # every tile has >= 1 valid column, so m_new is finite after the first tile
         m_new = tl.maximum(m, tl.max(x, axis=1))
-        dm = (m - m_new) * c  # <= 0; the first tile's M_INIT gives 2^(-huge) = 0 (s, u are 0 anyway)
+        # <= 0; the first tile's M_INIT gives 2^(-huge) = 0 (s, u are 0 anyway). Clamped: for T < 0.3,
+        # (M_INIT - x) / T overflows to -inf and dm * s = -inf * 0 was NaN (entropy and gradients NaN at
+        # T = 0.1); below EXP2_FLOOR alpha is 0 either way
+        dm = tl.maximum((m - m_new) * c, EXP2_FLOOR)
         # padded columns: d = -inf clamps to EXP2_FLOOR, 2^d = 0 exactly and d * 2^d = 0 (no NaN, no
         # select); a NaN logit stays NaN (propagate_nan) and poisons its row, as it must
         d = tl.maximum((x - m_new[:, None]) * c, EXP2_FLOOR, propagate_nan=tl.PropagateNan.ALL)
         e = tl.exp2(d)
-        alpha = tl.exp2(tl.maximum(dm, EXP2_FLOOR))
+        alpha = tl.exp2(dm)
         # rebase the old sums to the new max: sum 2^(d + dm) (d + dm) = alpha (u + dm s)
         u = alpha * (u + dm * s) + tl.sum(d * e, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
@@ -213,7 +216,10 @@ def _linear_logprobs_merge_kernel(
         m_new = tl.maximum(m, mj)
         a = tl.exp(m - m_new)
         b = tl.exp(mj - m_new)
-        u = a * (u + tl.where(s > 0, m - m_new, 0.0) * s) + b * (uj + (mj - m_new) * sj)
+        # a split with no tile for these rows (trailing splits when tiles % splits != 0, and 3 of the
+        # interpreter's 4 splits at V <= BLOCK_V) stored s = 0 and m = M_INIT / T, which is -inf for
+        # T < 0.3: (mj - m_new) * sj was then -inf * 0 = NaN (NaN entropy and gradients at T = 0.1)
+        u = a * (u + tl.where(s > 0, m - m_new, 0.0) * s) + tl.where(sj == 0, 0.0, b * (uj + (mj - m_new) * sj))
         s = a * s + b * sj
         m = m_new
         base += N
@@ -773,8 +779,11 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
             or ``torch.backends.cuda.matmul.fp32_precision = "tf32"``.
         weight: [V, H], same dtype as hidden, row stride free, last dim stride 1 (an lm_head's weight).
         labels: [...] int32 / int64. Positions equal to ``ignore_index`` give 0 and get no gradient.
-        bias: optional [V] (any float dtype; used in fp32).
-        temperature: runtime float > 0 (no recompilation per value); applied to logp and entropy.
+        bias: optional [V] (any float dtype, any stride: the Triton path reads an fp32 contiguous copy,
+            V floats, when it is not one already; used in fp32).
+        temperature: runtime real number in [1e-4, 1e4] (see ``token_logprobs``; no recompilation per
+            value); applied to logp and entropy.
+        ignore_index: a Python int (int64 range).
         return_entropy: also return the entropy.
         impl: None (Triton on CUDA, else the chunked torch path), "triton", or "torch" (chunked torch
             path, NOT the naive reference, which is ``flowrl_kernels.reference.linear_token_logprobs``).
@@ -808,14 +817,15 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     _check_args(hidden, weight, labels, bias)
     dev = check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
     temperature = check_temperature(temperature)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}.")
+    ignore_index = check_int("ignore_index", ignore_index)
+    if chunk_size is not None:
+        chunk_size = check_int("chunk_size", chunk_size, lo=1)
     # float64 inputs (gradchecks, references) default to the torch path, as in every other op
     f64 = hidden.dtype == torch.float64 or weight.dtype == torch.float64
-    impl = "torch" if impl is None and f64 else resolve_impl(impl, dev)
+    impl = "torch" if impl is None and f64 else resolve_impl(impl, dev, op="linear_token_logprobs")
     if impl == "triton" and hidden.dtype == torch.float64:
-        raise ValueError("impl='triton' supports float16, bfloat16 and float32 inputs; got float64. "
-                         "Use impl='torch' or cast hidden and weight.")
+        raise ValueError("hidden and weight have dtype float64, which impl='triton' does not support "
+                         "(float16, bfloat16, float32); use impl='torch' or cast hidden and weight.")
     V, H = weight.shape
     check_labels_in_range(labels, V, ignore_index, validate=validate)
 
@@ -832,7 +842,10 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
             chunk_size = _torch_chunk_rows(V, h2.device)
     chunk_size = max(1, min(chunk_size, N))
     if impl == "triton" and bias is not None:
-        bias = bias.float()  # [V]: the kernels read fp32; autograd casts the grad back
+        # [V]: the kernels read fp32 with unit stride. .float() alone does not copy an fp32 bias, so a
+        # strided or expanded one (bias[::2], b.expand(V)) was read as if contiguous: log-probs 2.5 nats
+        # off. V floats; autograd casts the grad back (and sums it over an expanded dim).
+        bias = bias.float().contiguous()
     logp, ent = LinearTokenLogprobsFunction.apply(h2, weight, bias, lab, temperature, ignore_index,
                                                   impl, chunk_size)
     logp = logp.view(out_shape)

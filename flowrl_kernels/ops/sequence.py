@@ -18,9 +18,9 @@ from typing import Optional, Tuple
 import torch
 
 from .. import reference
-from .._utils import check_same_device, check_same_shape, check_tensor, resolve_impl
-from .flowrl_loss import (IMPORTANCE_CODES, LOGP_DTYPES, MASK_DTYPES, _fast_impl, _fwd_impl, _fwd_op, check_clip,
-                          check_logp_mask)
+from .._utils import COEF_MAX, check_int, check_real, check_same_device, check_same_shape, check_tensor, resolve_impl
+from .flowrl_loss import (IMPORTANCE_CODES, LOGP_DTYPES, MASK_DTYPES, _fast_impl, _fwd_impl, _fwd_op,
+                          check_logp_mask, normalize_clip)
 
 LEVELS = ("sequence", "sequence_mean", "token")
 
@@ -41,7 +41,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, *, impl: Optional[str] = No
     Every impl runs the torch composition (see module docstring); ``impl`` is validated only.
     """
     device = _check_x_mask("x", x, mask)
-    resolve_impl(impl, device)
+    resolve_impl(impl, device, op="masked_mean")
     return reference.masked_mean(x, mask)
 
 
@@ -59,7 +59,7 @@ def seq_log_ratio(logp: torch.Tensor, other_logp: torch.Tensor, mask: torch.Tens
     check_same_device(logp=logp, other_logp=other_logp)
     if normalize not in ("mean", "sum"):
         raise ValueError(f"normalize must be 'mean' or 'sum', got {normalize!r}.")
-    resolve_impl(impl, device)
+    resolve_impl(impl, device, op="seq_log_ratio")
     return reference.seq_log_ratio(logp, other_logp, mask, normalize=normalize)
 
 
@@ -71,7 +71,8 @@ def importance_weights(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.T
     level="sequence":      w_i  = clip(exp(sum_t m_it (logp - old)))        [B]   (FlowRL paper)
     level="sequence_mean": w_i  = clip(exp(sum_t m_it (logp - old) / L_i))  [B]   (GSPO)
     level="token":         w_it = clip(exp(logp_it - old_it)), 0 where masked [B, T]
-    logp, old_logp [B, T] float, mask [B, T] bool / int / float (weights). clip=(lo, hi), either None.
+    logp, old_logp [B, T] float, mask [B, T] bool / int / float (weights). clip=(lo, hi) or None: each
+    bound a finite real or None, hi > 0, lo <= hi (as in ``flowrl_loss``; inf is a ValueError, use None).
     Returns (weights float32, clipped_fraction 0-dim): the fraction of non-empty rows (valid tokens)
     whose raw ratio lay outside [lo, hi].
     Edge cases: L_i = 0 -> w_i = 0; |log-ratio| 1e4 -> w = lo or hi, never inf/0-from-overflow (an
@@ -83,8 +84,9 @@ def importance_weights(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.T
     device = check_logp_mask(logp, mask, ("old_logp", old_logp))
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}.")
-    log_lo, log_hi = check_clip(clip)
-    impl = _fast_impl(impl, device, "flowrl_loss_fwd", logp, old_logp)
+    clip = normalize_clip(clip)
+    log_lo, log_hi = reference._log_clip(clip)
+    impl = _fast_impl(impl, device, "flowrl_loss_fwd", "importance_weights", logp=logp, old_logp=old_logp)
     if impl == "torch" or level == "token":
         return reference.importance_weights(logp, old_logp, mask, level=level, clip=clip)
     B = logp.shape[0]
@@ -105,20 +107,20 @@ def group_normalize(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, *
     """GRPO's group z-score (r - mean_g) / (std_g + eps), std unbiased, over consecutive groups.
 
     rewards [B] float (or int / bool: promoted to float32), B % group_size == 0, responses of one prompt
-    adjacent. Returns float32 [B] (float64 for float64 rewards). A group of equal rewards gives exactly 0;
-    group_size == 1 gives 0. Plain torch for every impl ([B] scalars; ``impl`` is validated only).
+    adjacent; group_size a Python int >= 1; eps a real in [0, 1e6] (eps=0 allowed). Returns float32 [B]
+    (float64 for float64 rewards). A group of equal rewards gives exactly 0 (also with eps=0), as does a
+    spread that underflows the dtype (std + eps == 0); group_size == 1 gives 0. Plain torch for every impl
+    ([B] scalars; ``impl`` is validated only).
     """
     check_tensor("rewards", rewards, ndim=1)
     if rewards.dtype.is_complex:
         raise ValueError("rewards must be real (float, int or bool), got a complex tensor.")
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise ValueError(f"group_size must be a Python int, got {group_size!r}.")
-    if group_size < 1 or rewards.shape[0] % group_size != 0:
+    group_size = check_int("group_size", group_size, lo=1)
+    if rewards.shape[0] % group_size != 0:
         raise ValueError(f"group_size={group_size} must be >= 1 and divide the number of rewards "
                          f"({rewards.shape[0]}); pass the number of responses per prompt.")
-    if not float(eps) >= 0:
-        raise ValueError(f"eps must be a float >= 0, got {eps!r}.")
-    resolve_impl(impl, rewards.device)
+    eps = check_real("eps", eps, lo=0.0, hi=COEF_MAX)
+    resolve_impl(impl, rewards.device, op="group_normalize")
     if not rewards.dtype.is_floating_point:
         rewards = rewards.to(torch.float32)
-    return reference.group_normalize(rewards, group_size, eps=float(eps))
+    return reference.group_normalize(rewards, group_size, eps=eps)

@@ -26,6 +26,7 @@ from .. import reference
 from . import configs
 from .._utils import (
     INDEX_DTYPES,
+    check_int,
     check_labels_in_range,
     check_same_device,
     check_temperature,
@@ -445,11 +446,15 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
             1; leading dims may have any strides (``logits[:, :-1]`` is read in place, no copy).
         labels: [...] int32 / int64, same leading shape as ``logits``. Positions equal to
             ``ignore_index`` give 0 in every output and get zero gradient.
-        temperature: runtime float > 0 applied to logp AND entropy (a new value does not recompile).
+        temperature: runtime real number in [1e-4, 1e4] (``_utils.TEMPERATURE_RANGE``: the range where
+            every impl's fp32 math matches the spec), applied to logp AND entropy (a new value does not
+            recompile). Outside it, or not a real number (None, a string, a bool, a tensor, NaN):
+            ValueError.
         return_entropy: also return H(softmax(logits / T)) per position.
+        ignore_index: a Python int (int64 range; -100.0 or True is a ValueError).
         impl: "triton" (default for CUDA tensors), "native" (C++ extension, default on CPU when built),
             "torch" (flowrl_kernels.reference, otherwise the CPU default, and always the default for
-            float64 logits); env FLOWRL_KERNELS_IMPL overrides the default.
+            float64 logits); env FLOWRL_KERNELS_IMPL / ``prefer_impl`` are preferences (see _utils).
         process_group: tensor-parallel vocab (Megatron layout): ``logits`` is this rank's shard, the
             columns [rank * V_local, (rank + 1) * V_local) of a vocab of world * V_local; ``labels`` are
             global ids. Every rank gets the full-vocab logp / entropy (2 all-reduces of O(N) floats),
@@ -483,11 +488,10 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     device = check_same_device(logits=logits, labels=labels)
     check_vocab_contiguous("logits", logits)
     temperature = check_temperature(temperature)
-    if not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be a Python int, got {type(ignore_index).__name__}.")
+    ignore_index = check_int("ignore_index", ignore_index)
     # float64 logits (gradchecks, references) default to the float64 torch path, like flowrl_loss
     impl = "torch" if impl is None and logits.dtype == torch.float64 else resolve_impl(
-        impl, device, native_op="token_logprobs_fwd")
+        impl, device, native_op="token_logprobs_fwd", op="token_logprobs")
     if impl != "torch" and logits.dtype == torch.float64:
         raise ValueError(f"logits has dtype float64, which impl={impl!r} does not support; use impl='torch' "
                          "or cast logits to float32.")
