@@ -81,6 +81,9 @@ def test_report_pools_draws_and_drops_collapsed_pairs():
     assert c["dropped"] == 1 and c["kept"]["n"] == 5 and c["kept"]["mean"] == pytest.approx(statistics.mean(kept))
     assert c["kept"]["lo"] == pytest.approx(statistics.mean(kept) - t4 * statistics.stdev(kept) / math.sqrt(5),
                                             abs=1e-4)
+    # a fresh 10-seed draw's mean: m ± t5 * s * sqrt(1/6 + 1/10)
+    half = t5 * statistics.stdev(diffs) * math.sqrt(1 / 6 + 1 / 10)
+    assert c["next10"] == (pytest.approx(m - half, abs=1e-4), pytest.approx(m + half, abs=1e-4))
     assert c["per_draw"]["A"]["mean"] == pytest.approx(0.8 / 3) and c["per_draw"]["B"]["n"] == 3
     # cell means with and without the collapsed run
     row = res["cells"][0]
@@ -88,7 +91,9 @@ def test_report_pools_draws_and_drops_collapsed_pairs():
                                                              pytest.approx(statistics.stdev([0.5, 0.3, 0.9, 0.4, 0.6])), 5)
     md = rep.markdown(res, metrics=METRICS, cell_metrics=METRICS)
     assert "| FlowRL 4x2 | 1/6 | 0.167 [0.004, 0.641] | 0/3 | 1/3 | 1/6 | 0.010 |" in md
-    assert f"| FlowRL 4x2 − GRPO 4x2 | {rep.fmt_interval(c['all'])} | {rep.fmt_interval(c['kept'])} | 1 |" in md
+    assert f"| FlowRL 4x2 − GRPO 4x2 | {rep.fmt_interval(c['all'])} | {rep.fmt_interval(c['kept'])} | 1 | [" in md
+    with pytest.raises(ValueError, match="prediction_interval"):
+        rep.prediction_interval([0.1])
 
 
 def test_collapse_threshold_is_strict_and_bold_marks_intervals_that_exclude_zero():

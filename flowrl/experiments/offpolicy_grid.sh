@@ -20,9 +20,10 @@
 # DOCS (merged table / plots; default docs), NAME (merged file stem: tiny_offpolicy for d1, else
 # tiny_offpolicy_DRAW), STEPS (rollout batches per run, default 100), PARALLEL (2),
 # PART (one or more of: all | main | ablations | headline = 1x1 and 4x2 FlowRL / GRPO | weights = the
-# three weight presets at 4x2: no clip, no weight, GSPO ratio), POOL (1: pool every draw in DOCS after the
-# merge; 0: don't), DRY_RUN (1: print the cells and stop), EXTRA (more diversity.py flags, e.g.
-# EXTRA="--steps 2 --layers 1 --hidden 16 --pretrain-steps 3" for a quick check of the script).
+# three weight presets at 4x2: no clip, no weight, GSPO ratio), POOL (1: pool every draw in DOCS after
+# the merge; 0: don't), PLOTS (the merge's PNGs: 1 for d1, else 0), DRY_RUN (1: print the cells and
+# stop), EXTRA (more diversity.py flags, e.g. EXTRA="--steps 2 --layers 1 --hidden 16 --pretrain-steps 3"
+# for a quick check of the script).
 # Run from the repository root with the package importable (PYTHONPATH=$PWD or the editable install).
 set -euo pipefail
 PYTHON=${PYTHON:-python}
@@ -44,6 +45,7 @@ PARALLEL=${PARALLEL:-2}
 PART=${PART:-all}
 STEPS=${STEPS:-100}
 POOL=${POOL:-1}
+if [ "$DRAW" = d1 ]; then PLOTS=${PLOTS:-1}; else PLOTS=${PLOTS:-0}; fi  # later draws: JSON + tables, no PNGs
 EXTRA=${EXTRA:-}
 
 cells=()
@@ -93,7 +95,8 @@ wall=$((SECONDS - t0))
 echo "[grid] ${#cells[@]} cells in $wall s"
 # merge every finished cell of the draw (OUT is the draw's folder: a draw run in several PARTs is one file)
 jsons=("$OUT"/*/diversity_tiny.json)
-"$PYTHON" -m flowrl.experiments.diversity tiny --from-json "${jsons[@]}" --out "$DOCS" --name "$NAME"
+"$PYTHON" -m flowrl.experiments.diversity tiny --from-json "${jsons[@]}" --out "$DOCS" --name "$NAME" \
+    $([ "$PLOTS" = 1 ] || echo --no-plots)
 "$PYTHON" -m flowrl.experiments.offpolicy_report stamp "$DOCS/diversity_$NAME.json" --draw "$DRAW" --part "$PART" \
     --wall-s "$wall" --parallel "$PARALLEL" --commit "$COMMIT" --started "$STARTED" --cells "${jsons[@]}"
 if [ "$POOL" = 1 ]; then  # every draw in DOCS: d1 = diversity_tiny_offpolicy.json, dN = diversity_tiny_offpolicy_dN.json
