@@ -96,6 +96,23 @@ def test_report_pools_draws_and_drops_collapsed_pairs():
         rep.prediction_interval([0.1])
 
 
+def test_difference_of_differences_drops_a_seed_when_any_of_its_four_runs_collapsed():
+    # (GRPO 4x2 - GRPO 1x1) - (FlowRL 4x2 - FlowRL 1x1) per seed: (0.6-0.2)-(0.3-0.2) = 0.3, (0.7-0.2)-(0.2-0.1)
+    # = 0.4, (0.5-0.1)-(0.4-0.2) = 0.2; seed 1's GRPO 1x1 run collapsed
+    vals = {0: (0.3, 0.6, 0.2, 0.2), 1: (0.2, 0.7, 0.1, 0.2), 2: (0.4, 0.5, 0.2, 0.1)}  # F4, G4, F1, G1
+    runs = []
+    for sd, (f4, g4, f1, g1) in vals.items():
+        runs += [run("flowrl", sd, f4), run("grpo", sd, g4), run("flowrl", sd, f1, schedule="1x1"),
+                 run("grpo", sd, g1, mal=0.7 if sd == 1 else 0.01, schedule="1x1")]
+    cs = (("4x2", "grpo"), ("1x1", "grpo"), ("4x2", "flowrl"), ("1x1", "flowrl"))
+    res = rep.report({"A": {"runs": runs}}, cells=[], contrasts=[cs], metrics=METRICS)
+    c = res["contrasts"][0]["metrics"][ACC]
+    assert c["all"]["mean"] == pytest.approx(0.3) and c["all"]["pos"] == 3 and c["all"]["n"] == 3
+    assert c["dropped"] == 1 and c["kept"]["mean"] == pytest.approx(0.25) and c["kept"]["n"] == 2
+    md = rep.markdown(res, metrics=METRICS, cell_metrics=())
+    assert "| (GRPO 4x2 − GRPO 1x1) − (FlowRL 4x2 − FlowRL 1x1) | **+0.300 [+0.052, +0.548] (3/3)** |" in md
+
+
 def test_collapse_threshold_is_strict_and_bold_marks_intervals_that_exclude_zero():
     assert rep.collapsed({MAL: 0.51}) and not rep.collapsed({MAL: 0.5}) and rep.collapsed({MAL: 0.3}, at=0.2)
     assert rep.fmt_interval({"mean": 0.2, "lo": 0.1, "hi": 0.3, "pos": 3, "n": 3}) == "**+0.200 [+0.100, +0.300] (3/3)**"

@@ -19,8 +19,10 @@ Definitions, stated once (the docs quote them):
   95% interval of the rate.
 - **seed-paired contrast** a - b: the per-seed difference of the two cells' final metrics over the seeds
   both hold, pooled over all draws; mean, 95% t-interval (n - 1 d.o.f.), # seeds where a > b. Beside
-  it the same without the collapsed runs (**a pair is dropped when either member collapsed**), and each
-  draw's own estimate.
+  it the same without the collapsed runs (**a pair is dropped when either member collapsed**), the 95%
+  prediction interval of a fresh 10-seed draw, and each draw's own estimate. A difference of
+  differences (a - b) - (c - d) is paired the same way (a seed is dropped when any of its four runs
+  collapsed).
 
 Draws must be disjoint in seeds (a redraw of the same seeds with other kernels is not a new draw: it is
 refused). Runs are paired by seed only; every run of one seed shares the init, the prompt order and the
@@ -56,6 +58,7 @@ CELL_NAMES = {("1x1", "flowrl"): "FlowRL 1x1", ("1x1", "grpo"): "GRPO 1x1", ("4x
               ("4x2", "flowrl-seqmean"): "FlowRL 4x2, GSPO ratio (clip [0.8, 1.2])"}
 CONTRASTS = ((("1x1", "flowrl"), ("1x1", "grpo")), (("4x2", "flowrl"), ("4x2", "grpo")),
              (("4x2", "flowrl"), ("1x1", "flowrl")), (("4x2", "grpo"), ("1x1", "grpo")),
+             (("4x2", "grpo"), ("1x1", "grpo"), ("4x2", "flowrl"), ("1x1", "flowrl")),
              (("4x2", "flowrl-noclip"), ("4x2", "flowrl")), (("4x2", "flowrl-noweight"), ("4x2", "flowrl")),
              (("4x2", "flowrl-seqmean"), ("4x2", "flowrl")), (("4x2", "flowrl-noclip"), ("4x2", "grpo")),
              (("4x2", "flowrl-noweight"), ("4x2", "grpo")), (("4x2", "flowrl-seqmean"), ("4x2", "grpo")))
@@ -163,24 +166,27 @@ def collapse_table(runs: dict, draws: Sequence[str], cells: Sequence[Cell]) -> L
     return rows
 
 
-def contrast(runs: dict, a: Cell, b: Cell, key: str, draws: Sequence[str]) -> Optional[dict]:
-    """Seed-paired a - b of final ``key``: pooled over all draws ("all"), without the pairs where either
-    member collapsed ("kept"), and per draw. None when no seed holds both cells with ``key``."""
-    pairs = [(sd, runs[(*a, sd)], runs[(*b, sd)]) for (sch, algo, sd) in sorted(runs, key=lambda t: t[2])
-             if (sch, algo) == a and (*b, sd) in runs
-             and key in runs[(*a, sd)]["final"] and key in runs[(*b, sd)]["final"]]
-    if not pairs:
+def contrast(runs: dict, a: Cell, b: Cell, key: str, draws: Sequence[str], c: Optional[Cell] = None,
+             d: Optional[Cell] = None) -> Optional[dict]:
+    """Seed-paired a - b of final ``key`` (with c and d: the difference of differences (a - b) - (c - d),
+    e.g. how much more GRPO gains from extra updates than FlowRL): pooled over all draws ("all"), without
+    the seeds where any member collapsed ("kept"), and per draw. None when no seed holds every cell."""
+    cells = [x for x in (a, b, c, d) if x is not None]
+    signs = (1, -1, -1, 1)[:len(cells)]
+    seeds = sorted({sd for (sch, algo, sd), r in runs.items() if (sch, algo) == a})
+    seeds = [sd for sd in seeds if all((*x, sd) in runs and key in runs[(*x, sd)]["final"] for x in cells)]
+    if not seeds:
         return None
-    diff = {sd: ra["final"][key] - rb["final"][key] for sd, ra, rb in pairs}
-    kept = [sd for sd, ra, rb in pairs if not (collapsed(ra["final"]) or collapsed(rb["final"]))]
+    diff = {sd: sum(sg * runs[(*x, sd)]["final"][key] for sg, x in zip(signs, cells)) for sd in seeds}
+    kept = [sd for sd in seeds if not any(collapsed(runs[(*x, sd)]["final"]) for x in cells)]
     d_all = list(diff.values())
-    out = {"all": t_interval(d_all), "dropped": len(pairs) - len(kept),
+    out = {"all": t_interval(d_all), "dropped": len(seeds) - len(kept),
            "next10": prediction_interval(d_all, 10) if len(d_all) > 1 else None,
            "kept": t_interval([diff[sd] for sd in kept]) if kept else None, "per_draw": {}}
-    for d in draws:
-        ds = [diff[sd] for sd, ra, _ in pairs if ra["draw"] == d]
+    for name in draws:
+        ds = [diff[sd] for sd in seeds if runs[(*a, sd)]["draw"] == name]
         if ds:
-            out["per_draw"][d] = t_interval(ds)
+            out["per_draw"][name] = t_interval(ds)
     return out
 
 
@@ -213,10 +219,10 @@ def report(draws: Dict[str, dict], cells: Sequence[Cell] = tuple(CELL_NAMES),
             row["all"][key] = cell_means(runs, c, key)
             row["kept"][key] = cell_means(runs, c, key, keep_collapsed=False)
         res["cells"].append(row)
-    for a, b in contrasts:
-        row = {"a": list(a), "b": list(b), "metrics": {}}
+    for cs in contrasts:
+        row = {"cells": [list(x) for x in cs], "metrics": {}}
         for key, _ in metrics:
-            got = contrast(runs, a, b, key, names)
+            got = contrast(runs, *cs[:2], key, names, *cs[2:])
             if got is not None:
                 row["metrics"][key] = got
         if row["metrics"]:
@@ -238,6 +244,12 @@ def fmt_interval(s: Optional[dict], digits: int = 3) -> str:
 
 def _name(cell) -> str:
     return CELL_NAMES.get(tuple(cell), f"{cell[1]} {cell[0]}")
+
+
+def _contrast_name(cells) -> str:
+    if len(cells) == 2:
+        return f"{_name(cells[0])} − {_name(cells[1])}"
+    return f"({_name(cells[0])} − {_name(cells[1])}) − ({_name(cells[2])} − {_name(cells[3])})"
 
 
 def markdown(res: dict, metrics=METRICS, cell_metrics=METRICS + TRAIN_METRICS) -> str:
@@ -286,7 +298,7 @@ def markdown(res: dict, metrics=METRICS, cell_metrics=METRICS + TRAIN_METRICS) -
                 continue
             per = " | ".join(fmt_interval(c["per_draw"].get(d)) for d in names)
             nxt = "—" if c["next10"] is None else "[{:+.3f}, {:+.3f}]".format(*c["next10"])
-            lines.append(f"| {_name(row['a'])} − {_name(row['b'])} | {fmt_interval(c['all'])} | "
+            lines.append(f"| {_contrast_name(row['cells'])} | {fmt_interval(c['all'])} | "
                          f"{fmt_interval(c['kept'])} | {c['dropped']} | {nxt} | {per} |")
     return "\n".join(lines)
 
