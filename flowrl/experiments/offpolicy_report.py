@@ -64,7 +64,7 @@ CONTRASTS = ((("1x1", "flowrl"), ("1x1", "grpo")), (("4x2", "flowrl"), ("4x2", "
              (("4x2", "flowrl-noweight"), ("4x2", "grpo")), (("4x2", "flowrl-seqmean"), ("4x2", "grpo")))
 # trainer means over the 100 steps, shown per cell only (how far the updates move from the sampler)
 TRAIN_METRICS = (("train_is_clip_low_frac", "clipped low"), ("train_is_clip_high_frac", "clipped high"),
-                 ("train_is_log_w_abs", "mean |log w|"))
+                 ("train_is_log_w_abs", "mean \\|log w\\|"))
 Cell = Tuple[str, str]  # (schedule, method)
 
 
