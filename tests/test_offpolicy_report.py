@@ -113,6 +113,25 @@ def test_difference_of_differences_drops_a_seed_when_any_of_its_four_runs_collap
     assert "| (GRPO 4x2 − GRPO 1x1) − (FlowRL 4x2 − FlowRL 1x1) | **+0.300 [+0.052, +0.548] (3/3)** |" in md
 
 
+def test_holdout_checks_one_draw_against_the_others():
+    cs = [(("4x2", "flowrl"), ("4x2", "grpo"))]
+    (r,) = rep.holdout(draws(), "B", contrasts=cs, metrics=METRICS[:1])
+    # others = draw A: differences +0.3, -0.1, +0.6 (mean 0.267, s 0.351); B's mean (-0.1 + 0.2 + 0.4) / 3
+    s = statistics.stdev([0.3, -0.1, 0.6])
+    half = 4.3027 * s * math.sqrt(1 / 3 + 1 / 3)
+    assert r["mean"] == pytest.approx(0.5 / 3) and r["n"] == 3 and r["in_ci"] and r["in_pred"]
+    assert r["pred"] == [pytest.approx(0.8 / 3 - half, abs=1e-3), pytest.approx(0.8 / 3 + half, abs=1e-3)]
+    assert r["ci"] == [pytest.approx(-0.6058, abs=1e-4), pytest.approx(1.1391, abs=1e-4)]
+    far = draws()
+    for x in far["B"]["runs"]:  # B's FlowRL runs 2.0 higher: outside both intervals
+        x["history"][-1][ACC] += 2.0 * (x["algo"] == "flowrl")
+    (r,) = rep.holdout(far, "B", contrasts=cs, metrics=METRICS[:1])
+    assert not r["in_ci"] and not r["in_pred"]
+    assert "B: 0 of 1 inside the prediction interval" in rep.holdout_markdown([r], METRICS)
+    with pytest.raises(ValueError, match="holdout: draw 'C'"):
+        rep.holdout(draws(), "C")
+
+
 def test_collapse_threshold_is_strict_and_bold_marks_intervals_that_exclude_zero():
     assert rep.collapsed({MAL: 0.51}) and not rep.collapsed({MAL: 0.5}) and rep.collapsed({MAL: 0.3}, at=0.2)
     assert rep.fmt_interval({"mean": 0.2, "lo": 0.1, "hi": 0.3, "pos": 3, "n": 3}) == "**+0.200 [+0.100, +0.300] (3/3)**"
@@ -140,7 +159,9 @@ def test_cli_and_stamp(tmp_path):
     assert grid["commit"] == "abc123" and grid["wall_s"] == 12 and grid["seeds"] == [0, 1, 2]
     assert grid["nproc"] >= 1 and grid["torch"] and grid["cpu"]
     assert "commit abc123" in (tmp_path / "diversity_A_summary.md").read_text()
-    res = rep.main(paths + ["--out", str(tmp_path / "out"), "--name", "pooled"])
+    res = rep.main(paths + ["--out", str(tmp_path / "out"), "--name", "pooled", "--holdout"])
+    assert {r["held"] for r in res["holdout"]} == {"A", "B"}
+    assert "leave one draw out" in (tmp_path / "out" / "diversity_pooled_holdout.md").read_text()
     assert res["draws"]["A"]["grid"]["commit"] == "abc123" and res["draws"]["B"]["grid"] is None
     md = (tmp_path / "out" / "diversity_pooled.md").read_text()
     assert "- A: seeds 0-2 (3); commit abc123" in md and "| FlowRL 4x2 − GRPO 4x2 |" in md
