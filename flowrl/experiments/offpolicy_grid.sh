@@ -103,7 +103,8 @@ if [ "$POOL" = 1 ]; then  # every draw in DOCS: d1 = diversity_tiny_offpolicy.js
     draws=()
     [ -f "$DOCS/diversity_tiny_offpolicy.json" ] && draws+=("d1=$DOCS/diversity_tiny_offpolicy.json")
     for f in "$DOCS"/diversity_tiny_offpolicy_d*.json; do
-        [ -f "$f" ] && { d=${f##*_offpolicy_}; draws+=("${d%.json}=$f"); }
+        d=${f##*_offpolicy_}; d=${d%.json}
+        [[ -f $f && $d =~ ^d[0-9]+$ ]] && draws+=("$d=$f")  # d2, d3, ... (not d4check or other reports)
     done
     "$PYTHON" -m flowrl.experiments.offpolicy_report "${draws[@]}" --out "$DOCS" > /dev/null
     echo "[grid] pooled ${#draws[@]} draws -> $DOCS/diversity_tiny_offpolicy_pooled.md"
