@@ -293,5 +293,5 @@ def test_offpolicy_grid_script_parses(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     res = subprocess.run(["bash", str(script)], env={"PART": "nope", "OUT": str(tmp_path), "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True)
-    assert res.returncode == 2 and "PART=nope: use all, main, ablations or headline" in res.stderr
+    assert res.returncode == 2 and "PART=nope: use all, main, ablations, headline or weights" in res.stderr
     assert list(tmp_path.iterdir()) == []
