@@ -148,7 +148,8 @@ def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) 
     batch = sampler.generate(policy, [task.messages(p) for p in problems], n=G,
                              max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                              top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, version=step)
-    rewards = torch.tensor([task.reward(problems[i // G], t) for i, t in enumerate(batch.texts)])
+    scores, task_metrics = task.score([problems[i // G] for i in range(len(batch.texts))], batch.texts)
+    rewards = torch.tensor(scores)
     r_hat = algorithms.normalized_rewards(rewards, G).to(env.device)
     distributed.synchronize(env.device)
     t_gen = time.perf_counter()
@@ -167,6 +168,7 @@ def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) 
     gap = {} if batch.sampler_logp is None else rollout.logp_mismatch(
         batch.sampler_logp, trainer_old if trainer_old is not None else torch.cat(up["first_logp"]), mask)
     record.update({k: v for k, v in gap.items() if k.endswith("_mean")})
+    record.update(task_metrics)  # e.g. the code task's tests_passed, sandbox_s
     record = distributed.mean_over_ranks(record, env.device)
     record.update({k: distributed.max_over_ranks(v, env.device) for k, v in gap.items() if k.endswith("_max")})
     if hasattr(sampler, "sync_time"):
@@ -193,6 +195,8 @@ def evaluate(step, cfg, env, policy, sampler, task, metrics) -> dict:
     mine = [task[env.rank * per_rank + j] for j in range(per_rank)]
     # prompts, correct samples, solved prompts, reward, format, length, distinct correct (sum), entropy (sum)
     sums = torch.zeros(8, dtype=torch.float64)
+    task_sums, pass_ks = {}, [j for j in (2, 4, 8, 16, 32) if j < k]
+    pass_sums = {j: 0.0 for j in pass_ks}
     with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
         torch.manual_seed(cfg.run.seed + 7 * env.rank + 1)  # the same draws at every evaluation
         for lo in range(0, per_rank, chunk):
@@ -201,8 +205,13 @@ def evaluate(step, cfg, env, policy, sampler, task, metrics) -> dict:
                                      max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                                      temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, top_k=0,
                                      version=step)
-            r = torch.tensor([task.reward(probs[i // k], t) for i, t in enumerate(batch.texts)], dtype=torch.float64)
+            scores, extra = task.score([probs[i // k] for i in range(len(batch.texts))], batch.texts)
+            r = torch.tensor(scores, dtype=torch.float64)
+            for key, v in extra.items():  # task metrics, weighted by samples (a per-rank mean)
+                task_sums[key] = task_sums.get(key, 0.0) + v * len(batch.texts)
             correct = (r >= 1.0).view(-1, k)
+            for j in pass_ks:  # unbiased pass@j from k samples (tasks.pass_at_k); pass@1 = accuracy
+                pass_sums[j] += sum(tasks.pass_at_k(k, int(c), j) for c in correct.sum(-1))
             answers = [tasks.extract_answer(t) for t in batch.texts]
             answers = [answers[i: i + k] for i in range(0, len(answers), k)]
             n_solved = int(correct.any(-1).sum())
@@ -217,6 +226,10 @@ def evaluate(step, cfg, env, policy, sampler, task, metrics) -> dict:
               "format_rate": sums[4].item() / n, "response_len": sums[5].item() / n,
               "distinct_correct": sums[6].item() / max(sums[2].item(), 1),
               "answer_entropy": sums[7].item() / max(sums[0].item(), 1)}
+    record.update({f"pass_at_{j}": distributed.all_reduce_sum(torch.tensor([v], dtype=torch.float64, device=env.device)
+                                                             ).item() / max(sums[0].item(), 1)
+                   for j, v in pass_sums.items()})
+    record.update({key: v / max(per_rank * k, 1) for key, v in task_sums.items()})
     metrics.eval(record)
     return record
 
