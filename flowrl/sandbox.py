@@ -210,6 +210,7 @@ class Sandbox:
         self._slots: "queue.Queue[int]" = queue.Queue()
         for i in range(self.workers):
             self._slots.put(uid_base + i)
+        self._next_uid = uid_base + self.workers - 1
         self._pool: Optional[ThreadPoolExecutor] = None
         self._lock = threading.Lock()
         self.isolation = self._probe() if executor is None else ["external"]
@@ -303,7 +304,7 @@ class Sandbox:
             if w_fd is not None:
                 os.close(w_fd)
                 w_fd = None
-            res = _collect(proc, job.stdin, r_fd, lim, t0)
+            res = _collect(proc, job.stdin, r_fd, lim, t0, uid)
             if res.returncode == 125 and b"sandbox launcher:" in res.stderr:
                 res.error = res.stderr.decode(errors="replace").strip()
             return res
@@ -312,7 +313,10 @@ class Sandbox:
                 if fd is not None:
                     os.close(fd)
             if uid is not None:
-                _kill_uid(uid)
+                if _kill_uid(uid):  # a zombie we cannot reap still counts against RLIMIT_NPROC:
+                    with self._lock:  # retire the uid, so later runs start from the same count
+                        self._next_uid += 1
+                        uid = self._next_uid
                 self._slots.put(uid)
             shutil.rmtree(work, ignore_errors=True)
 
@@ -328,7 +332,8 @@ def _limit_self(rlimits: Dict[str, int]) -> Callable[[], None]:
     return apply
 
 
-def _collect(proc: subprocess.Popen, stdin: bytes, r_fd: Optional[int], lim: Limits, t0: float) -> Result:
+def _collect(proc: subprocess.Popen, stdin: bytes, r_fd: Optional[int], lim: Limits, t0: float,
+             uid: Optional[int]) -> Result:
     """Feed stdin, read stdout/stderr/verdict with a bound, enforce the wall limit; always reaps."""
     sel = selectors.DefaultSelector()
     bufs = {"stdout": bytearray(), "stderr": bytearray(), "verdict": bytearray()}
@@ -384,6 +389,15 @@ def _collect(proc: subprocess.Popen, stdin: bytes, r_fd: Optional[int], lim: Lim
                 buf += chunk[:max(room, 0)]
     finally:
         sel.close()
+        if uid is not None:
+            # kill the program's processes (the namespace's init among them) and let the root launcher
+            # reap its init and exit: killing the launcher first would orphan the init to the host's
+            # pid 1, which here never reaps it (a zombie of the run's uid that counts against RLIMIT_NPROC)
+            _kill_uid(uid)
+            try:
+                proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                pass
         _kill_group(proc)
     rc = proc.returncode
     if rc is not None and rc < 0:
@@ -405,23 +419,44 @@ def _kill_group(proc: subprocess.Popen):
             pass
 
 
-def _kill_uid(uid: int, rounds: int = 50):
-    """SIGKILL every process of ``uid`` (the PID namespace already did; this is the second lock)."""
+def _kill_uid(uid: int, rounds: int = 100) -> bool:
+    """SIGKILL every live process of ``uid`` until none is left; True if zombies of it remain (their
+    parent has not reaped them yet)."""
+    zombies = False
     for _ in range(rounds):
-        found = False
+        found, zombies = False, False
         for d in os.listdir("/proc"):
             if not d.isdigit():
                 continue
             try:
                 if os.stat(f"/proc/{d}").st_uid != uid:
                     continue
+                with open(f"/proc/{d}/stat", "rb") as f:
+                    state = f.read().rsplit(b")", 1)[1].split()[0]
+                if state in (b"Z", b"X"):
+                    zombies = True
+                    continue
                 os.kill(int(d), signal.SIGKILL)
                 found = True
-            except (FileNotFoundError, ProcessLookupError, PermissionError):
+            except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
                 pass
         if not found:
-            return
-        time.sleep(0.01)
+            break
+        time.sleep(0.005)
+    if zombies:  # the launcher reaps its init a moment after the kill: look once more
+        time.sleep(0.05)
+        zombies = any(_is_zombie_of(d, uid) for d in os.listdir("/proc") if d.isdigit())
+    return zombies
+
+
+def _is_zombie_of(pid: str, uid: int) -> bool:
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != uid:
+            return False
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 _DEFAULT: Dict[tuple, Sandbox] = {}
