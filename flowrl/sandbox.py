@@ -14,8 +14,8 @@ Each program gets (as root, which is how the trainer runs here; ``box.isolation`
   namespace: a program that ``setsid()``s or daemonizes cannot outlive its run. On the wall-time limit
   the parent SIGKILLs the launcher's process group; afterwards it also SIGKILLs anything still running
   under the run's uid (defence in depth; never needed in the tests).
-- **An unprivileged uid of its own.** Every concurrent run leases a distinct uid (``uid_base + slot``,
-  no passwd entry needed), so RLIMIT_NPROC (which the kernel does not enforce for root, and counts per
+- **An unprivileged uid of its own.** Every concurrent run leases a distinct uid (``uid_range(pid)``:
+  2**31 + 256 * the trainer's pid + slot, no passwd entry needed; distinct across ranks and processes), so RLIMIT_NPROC (which the kernel does not enforce for root, and counts per
   uid) bounds *this* program's processes only -- a fork bomb in one run cannot starve another, so results
   do not depend on the pool size -- and the program can signal no process but its own: ``os.kill`` of
   the trainer (root) fails with EPERM. ``PR_SET_NO_NEW_PRIVS`` stops set-uid binaries (su, sudo).
@@ -198,7 +198,7 @@ Executor = Callable[[Job], Result]
 class Sandbox:
     """Runs Jobs under Limits; ``map`` runs many on a thread pool of ``workers`` (0 = the cores)."""
 
-    def __init__(self, limits: Optional[Limits] = None, workers: int = 0, *, uid_base: int = 2_900_000,
+    def __init__(self, limits: Optional[Limits] = None, workers: int = 0, *, uid_base: Optional[int] = None,
                  executor: Optional[Executor] = None, require_isolation: bool = False):
         self.limits = limits or Limits()
         if workers < 0:
@@ -206,17 +206,28 @@ class Sandbox:
         self.workers = workers or len(os.sched_getaffinity(0))
         self.executor = executor
         self.root = os.geteuid() == 0
-        # one uid per concurrent run (see the module docstring): a queue of free slots
+        # one uid per concurrent run (see the module docstring): a queue of free slots. Default range:
+        # 2**31 + pid * 256 (pid < 2**22 on Linux), so that trainer ranks (one Sandbox per process) and
+        # concurrent test processes never share a uid, and a uid above every real account's
+        # (each Sandbox of a process takes its own uids from that range, so two never share one)
+        if self.workers > UIDS_PER_PROCESS // 2:
+            raise ValueError(f"workers={self.workers} must be <= {UIDS_PER_PROCESS // 2}.")
+        self.uid_base = uid_range(os.getpid())[0] if uid_base is None else uid_base
         self._slots: "queue.Queue[int]" = queue.Queue()
-        for i in range(self.workers):
-            self._slots.put(uid_base + i)
-        self._next_uid = uid_base + self.workers - 1
+        for _ in range(self.workers):
+            self._slots.put(self._fresh_uid() if uid_base is None else uid_base + self._slots.qsize())
         self._pool: Optional[ThreadPoolExecutor] = None
         self._lock = threading.Lock()
         self.isolation = self._probe() if executor is None else ["external"]
         if require_isolation and executor is None and not {"uid", "net", "mount", "pid"} <= set(self.isolation):
             raise RuntimeError(f"Sandbox(require_isolation=True): only {self.isolation} available here "
                                "(needs root and unshare(CLONE_NEWNET|CLONE_NEWNS|CLONE_NEWPID)).")
+
+    def _fresh_uid(self) -> int:
+        global _UID_NEXT
+        with _UID_LOCK:
+            _UID_NEXT = (_UID_NEXT + 1) % UIDS_PER_PROCESS
+            return uid_range(os.getpid())[0] + _UID_NEXT
 
     # -- capability probe ---------------------------------------------------------------------------
     def _probe(self) -> List[str]:
@@ -314,11 +325,19 @@ class Sandbox:
                     os.close(fd)
             if uid is not None:
                 if _kill_uid(uid):  # a zombie we cannot reap still counts against RLIMIT_NPROC:
-                    with self._lock:  # retire the uid, so later runs start from the same count
-                        self._next_uid += 1
-                        uid = self._next_uid
+                    uid = self._fresh_uid()  # retire the uid, so later runs start from the same count
                 self._slots.put(uid)
             shutil.rmtree(work, ignore_errors=True)
+
+
+UIDS_PER_PROCESS = 256
+_UID_LOCK = threading.Lock()
+_UID_NEXT = -1
+
+
+def uid_range(pid: int) -> range:
+    """The uids the Sandboxes of process ``pid`` run programs as (by default)."""
+    return range(2 ** 31 + pid * UIDS_PER_PROCESS, 2 ** 31 + (pid + 1) * UIDS_PER_PROCESS)
 
 
 def _limit_self(rlimits: Dict[str, int]) -> Callable[[], None]:

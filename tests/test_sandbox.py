@@ -45,12 +45,12 @@ def score(task, code: str, problem: int = 0):
 
 
 def sandbox_uids_alive() -> list:
-    base = 2_900_000
+    mine = sandbox.uid_range(os.getpid())
     out = []
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
-                if base <= os.stat(f"/proc/{d}").st_uid < base + 64:
+                if os.stat(f"/proc/{d}").st_uid in mine:
                     out.append(int(d))
             except FileNotFoundError:
                 pass
