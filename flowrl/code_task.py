@@ -40,6 +40,7 @@ import json
 import re
 import secrets
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -117,8 +118,10 @@ class CodeTask(Task):
 
     def __init__(self, rows: List[Dict[str, Any]], system_prompt: str, options: Dict[str, Any]):
         unknown = set(options) - OPTIONS
-        if unknown:
-            raise ValueError(f"task.options {sorted(unknown)} are not code-task options; known: {sorted(OPTIONS)}.")
+        if unknown:  # a warning, not an error: `--task.name=code` on top of default.toml keeps its
+            # reasoning-gym options (min_terms, ...), which must not stop the run
+            warnings.warn(f"task.options {sorted(unknown)} are not code-task options (ignored); "
+                          f"known: {sorted(OPTIONS)}.", stacklevel=2)
         problems = [Problem(self._question(r), "", r) for r in rows]
         super().__init__(problems, system_prompt, self.EXAMPLE, self.EXAMPLE_SOLUTION)
         kind = options.get("sandbox", "local")
