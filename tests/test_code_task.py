@@ -128,16 +128,31 @@ def test_evaluate_reports_pass_at_k_on_the_code_task():
     assert rec["tests_passed"] == pytest.approx((1 + 0.5 + 0 + 0.5 + 4) / 8) and rec["code_found"] == 7 / 8
 
 
+HOSTILE_ROLLOUTS = [  # swapped in for the tiny model's texts: the sandbox runs inside the training loop
+    "```python\nwhile True:\n    pass\n```", "```python\nimport os\nwhile True:\n    os.fork()\n```",
+    "```python\nimport os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n```", "```python\nimport os\nos._exit(0)\n```",
+    "```python\nprint('x' * 10 ** 8)\n```", "no code at all"]
+
+
 def test_trainer_runs_end_to_end_on_the_code_task(tmp_path):
-    cmd = [sys.executable, str(ROOT / "flowrl" / "train.py"), "--config", TINY, "--task.name=code",
-           "--train.steps=2", "--eval.prompts=2", "--eval.samples=2", "--run.cpu_threads=1", "--run.name=code",
-           "--checkpoint.export=false"]
-    res = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
-                         capture_output=True, text=True, timeout=240)
+    # the tiny model's random characters never form a fenced block, so its texts are replaced by hostile
+    # programs after generation (the token tensors stay the model's): rewards 0, the run finishes
+    code = ("from flowrl import rollout, train\n"
+            "gen = rollout.HFRollout.generate\n"
+            "def hostile(self, *a, **k):\n"
+            "    b = gen(self, *a, **k)\n"
+            f"    b.texts = [{HOSTILE_ROLLOUTS!r}[i % {len(HOSTILE_ROLLOUTS)}] for i in range(len(b.texts))]\n"
+            "    return b\n"
+            "rollout.HFRollout.generate = hostile\n"
+            f"train.main(['--config', {TINY!r}, '--task.name=code', '--train.steps=2', '--eval.prompts=2',\n"
+            "            '--eval.samples=2', '--run.cpu_threads=1', '--run.name=code', '--checkpoint.export=false',\n"
+            "            '--task.options={timeout_s = 2.0, cpu_s = 1}'])\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     run = tmp_path / "runs" / "code"
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == [1, 2] and all(0 <= s["tests_passed"] <= 1 for s in steps)
-    assert all(math.isfinite(s["loss"]) for s in steps)
-    assert [e["step"] for e in evals] == [0, 2] and all("pass_at_k" in e and "tests_passed" in e for e in evals)
+    assert [s["step"] for s in steps] == [1, 2] and all(math.isfinite(s["loss"]) for s in steps)
+    assert all(s["reward_mean"] == 0.0 and s["tests_passed"] == 0.0 and 0 < s["code_found"] < 1 for s in steps)
+    assert [e["step"] for e in evals] == [0, 2] and all(e["pass_at_k"] == 0.0 and "tests_passed" in e for e in evals)
