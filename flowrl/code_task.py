@@ -12,8 +12,9 @@ Problem rows (JSONL, one object per line):
 
 Prompt: the system message (task.system_prompt unless it is the math default) asks for ONE fenced
 ```python block; one solved example turn (``double``) shows the format. Answer extraction: the last
-```python (or bare ```) fenced block of the response; an unclosed fence at the end (the response hit
-max_new_tokens) counts from the fence to the end; no fence -> no program -> reward 0. For HumanEval
+```python (or bare ```) fenced block that defines the entry point, else the last fenced block; an
+unclosed fence at the end (the response hit max_new_tokens) counts from the fence to the end; no
+fence -> no program -> reward 0. For HumanEval
 the problem's own prompt (imports, signature, docstring) is shown, and the text before ``def <entry>``
 (imports, helpers) is prepended to the program so annotations like ``List[int]`` resolve.
 
@@ -55,11 +56,15 @@ _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTA
 OPTIONS = {"eval_fraction", "timeout_s", "cpu_s", "memory_mb", "workers", "sandbox"}
 
 
-def extract_code(response: str) -> Optional[str]:
-    """The last fenced code block of ``response`` (an unclosed final fence runs to the end); None if none."""
-    found = _FENCE.findall(response)
-    code = found[-1] if found else None
-    return code if code and code.strip() else None
+def extract_code(response: str, entry_point: Optional[str] = None) -> Optional[str]:
+    """The last fenced code block of ``response`` that defines ``entry_point`` (``def <entry_point>``),
+    else the last fenced block (an unclosed final fence runs to the end); None if there is none.
+    SmolLM2 often follows its solution with an "Example usage" block: the last block alone would drop it."""
+    found = [c for c in _FENCE.findall(response) if c.strip()]
+    if entry_point:
+        defining = [c for c in found if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", c, re.MULTILINE)]
+        found = defining or found
+    return found[-1] if found else None
 
 
 def held_out(pid: str, seed: int, fraction: float) -> bool:
@@ -145,8 +150,8 @@ class CodeTask(Task):
 
     def jobs(self, p: Problem, response: str) -> Tuple[List[sbx.Job], List[bytes]]:
         """The sandbox runs that score one response, and the nonce each expects (b'' for stdin cases)."""
-        code = extract_code(response)
         r = p.entry
+        code = extract_code(response, r.get("entry_point"))
         if code is None:
             return [], []
         if r.get("preamble") and f"def {r['entry_point']}" in code:

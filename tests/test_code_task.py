@@ -30,6 +30,10 @@ def test_extract_code():
     assert code_task.extract_code("```python\ncut off at max_new_tokens") == "cut off at max_new_tokens"
     assert code_task.extract_code("def f(): return 1") is None  # no fence, no program
     assert code_task.extract_code("```python\n\n```") is None
+    # the solution, then an "Example usage" block: the block defining the entry point wins
+    two = "```python\ndef rep(s, n):\n    return s * n\n```\nExample usage:\n```python\nprint(rep('a', 2))\n```"
+    assert code_task.extract_code(two, "rep").startswith("def rep(") and code_task.extract_code(two).startswith("print")
+    assert code_task.extract_code(two, "other").startswith("print")  # no block defines it: the last one
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
