@@ -105,6 +105,9 @@ if "mount" in ns:
     os.chdir(box)
 else:
     box = os.getcwd()
+    if uid is not None:  # the parent's fresh temp dir (mode 700), handed to the run's uid
+        for name in ["."] + list(files):
+            os.chown(name, uid, uid)
 env["HOME"] = env["TMPDIR"] = box
 pid = os.fork()
 if pid:  # the launcher: wait for the namespace's init and report its status
@@ -240,6 +243,11 @@ class Sandbox:
         if r.returncode == 0 and r.stdout.strip() == b"1":
             return base + ["uid", "net", "mount", "pid"]
         self._namespaces = []
+        r = self._run_local(Job({"p.py": "print(1)"}, ["p.py"]))
+        if r.returncode != 0 or r.stdout.strip() != b"1":  # e.g. the interpreter lives under /root (mode 700)
+            raise RuntimeError("Sandbox: unshare() is refused here and the run's uid cannot start "
+                               f"{sys.executable} ({r.error or r.stderr.decode(errors='replace')[-300:]}); "
+                               "install Python where other users can execute it, or allow namespaces.")
         return base + ["uid"]
 
     # -- running ------------------------------------------------------------------------------------
