@@ -27,7 +27,8 @@ stripping trailing whitespace per line.
 
 Splits: a problem is held out iff sha256(f"{seed}:{id}") falls in the first ``eval_fraction`` of the
 hash range -- deterministic, by problem id, independent of the file order and of eval.prompts, so no
-problem's tests ever reach training. Options (task.options): eval_fraction (0.25), timeout_s (wall
+problem's tests ever reach training (eval.prompts above the held-out count repeats held-out problems,
+with a warning). Options (task.options): eval_fraction (0.25), timeout_s (wall
 limit per run, 6), cpu_s (4), memory_mb (512), workers (0 = cores), sandbox ('local', 'stub' = reward
 0 without running anything, for timing the sandbox, or 'module:callable' = an external executor
 ``fn(sandbox.Job) -> sandbox.Result``).
@@ -220,6 +221,10 @@ def build(name: str, path: str, split: str, seed: int, options: Dict[str, Any], 
         raise ValueError(f"the {split} split of {name} is empty ({len(rows)} problems, eval_fraction={frac}); "
                          "change task.options.eval_fraction or task.seed.")
     if split == "eval" and eval_prompts > len(part):
-        raise ValueError(f"eval.prompts={eval_prompts} but the held-out split of {name} has {len(part)} problems "
-                         f"(task.seed={seed}, eval_fraction={frac}); set --eval.prompts={len(part)} or lower.")
+        # the evaluation takes eval.prompts problems: repeat the held-out ones (each repeat draws its own
+        # samples) rather than fail `--task.name=code` on top of default.toml's eval.prompts=32
+        warnings.warn(f"eval.prompts={eval_prompts} but the held-out split of {name} has {len(part)} problems "
+                      f"(task.seed={seed}, eval_fraction={frac}): they are repeated; set --eval.prompts="
+                      f"{len(part)} to evaluate each once.", stacklevel=2)
+        part = [part[i % len(part)] for i in range(eval_prompts)]
     return CodeTask(part, system_prompt, {k: v for k, v in options.items()})

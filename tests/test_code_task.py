@@ -61,8 +61,9 @@ def test_splits_are_by_id_deterministic_and_disjoint(tmp_path):
     rev.write_text("\n".join(json.dumps(r) for r in reversed(rows)))
     assert set(ids(code_task.build("code", str(rev), "eval", 0, {}, "", 4))) == set(ids(ev))
     assert set(ids(code_task.build("code", "", "eval", 1, {}, "", 4))) != set(ids(ev))  # another seed, another split
-    with pytest.raises(ValueError, match="eval.prompts=99"):
-        code_task.build("code", "", "eval", 0, {}, "", 99)
+    with pytest.warns(UserWarning, match="eval.prompts=99 but the held-out split"):
+        rep = code_task.build("code", "", "eval", 0, {}, "", 99)
+    assert len(rep) == 99 and set(ids(rep)) == set(ids(ev))  # repeated, never a training problem
     with pytest.warns(UserWarning, match=r"\['timeout'\] are not code-task options"):
         code_task.build("code", "", "train", 0, {"timeout": 3}, "", 4)
 
