@@ -151,7 +151,7 @@ def test_trainer_runs_end_to_end_on_the_code_task(tmp_path):
             "rollout.HFRollout.generate = hostile\n"
             f"train.main(['--config', {TINY!r}, '--task.name=code', '--train.steps=2', '--eval.prompts=2',\n"
             "            '--eval.samples=2', '--run.cpu_threads=1', '--run.name=code', '--checkpoint.export=false',\n"
-            "            '--task.options={timeout_s = 2.0, cpu_s = 1}'])\n")
+            "            '--task.options={timeout_s = 1.0, cpu_s = 1}'])\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=240,
                          env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
