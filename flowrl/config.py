@@ -150,8 +150,9 @@ class LogZ:
 @dataclass
 class Task:
     name: str = "basic_arithmetic"
-    """A reasoning-gym dataset name (e.g. basic_arithmetic, chain_sum, countdown), 'jsonl', or
-    'synthetic' (a tiny verifiable task for the tiny models)."""
+    """A reasoning-gym dataset name (e.g. basic_arithmetic, chain_sum, countdown), 'jsonl',
+    'synthetic' (a tiny verifiable task for the tiny models), or 'code' / 'humaneval' (programs run
+    against tests in a sandbox; task.path, task.options: flowrl/code_task.py, docs/code.md)."""
     options: Dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of reasoning_gym.create_dataset (e.g. {min_terms = 2, max_digits = 1})."""
     path: str = ""
@@ -173,6 +174,9 @@ class Task:
             _check(Path(self.path).is_file(), f"task.path={self.path!r} is not a file; task.name='jsonl' needs "
                    "a JSONL file with 'prompt' and 'answer' fields.")
             _check(not self.eval_path or Path(self.eval_path).is_file(), f"task.eval_path={self.eval_path!r} is not a file.")
+        elif self.name in ("code", "humaneval"):
+            _check(not self.path or Path(self.path).is_file(), f"task.path={self.path!r} is not a file; "
+                   "task.name='code' reads JSONL code problems (flowrl/code_task.py), '' = the shipped easy set.")
         elif self.name != "synthetic":
             try:
                 import reasoning_gym.factory as rgf

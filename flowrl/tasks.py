@@ -4,10 +4,13 @@
     p = task[i]                              # Problem(question, answer, entry)
     task.messages(p)                         # chat messages (system, one solved example, question)
     task.reward(p, response_text)            # float in [0, 1]; 1.0 = correct
+    task.score(problems, responses)          # (rewards, metrics): a batch at once (the code task's pool)
 
 - ``ReasoningGymTask``: any reasoning-gym dataset by name, deterministic seeds, its own scorer.
 - ``JsonlTask``: {"prompt", "answer"} per line, scored with math-verify.
 - ``SyntheticTask``: a tiny verifiable task in the tiny models' character vocabulary (tests).
+- ``code_task.CodeTask`` ('code', 'humaneval'): the model writes a program, the reward runs its tests in
+  flowrl/sandbox.py (docs/code.md).
 
 The prompt carries ONE solved example turn: SmolLM2-135M-Instruct writes <answer> tags 0% of the time
 from instructions alone and 57% with one example (docs/flowrl.md, measured).
@@ -20,7 +23,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from flowrl.config import Config, ConfigError
 
@@ -65,6 +68,22 @@ class Task:
 
     def reward(self, p: Problem, response: str) -> float:
         raise NotImplementedError
+
+    def score(self, problems: List[Problem], responses: List[str]) -> Tuple[List[float], Dict[str, float]]:
+        """Rewards of responses[i] to problems[i], and task metrics (means over the batch) for metrics.jsonl."""
+        return [self.reward(p, r) for p, r in zip(problems, responses)], {}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}.")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):  # C(n-c, k) / C(n, k) as a stable product
+        prod *= 1.0 - k / i
+    return 1.0 - prod
 
 
 def _worked_solution(answer: str, expression: Optional[str]) -> str:
@@ -170,6 +189,12 @@ def _build(cfg: Config, split: str) -> Task:
     t = cfg.task
     seed = t.seed if split == "train" else t.seed + 1
     size = t.size if split == "train" else max(cfg.eval.prompts, 1)
+    if t.name in ("code", "humaneval"):
+        from dataclasses import fields
+        from flowrl import code_task
+        default_prompt = next(f.default for f in fields(type(t)) if f.name == "system_prompt")
+        prompt = code_task.SYSTEM_PROMPT if t.system_prompt == default_prompt else t.system_prompt
+        return code_task.build(t.name, t.path, split, t.seed, t.options, prompt, cfg.eval.prompts)
     if t.name == "synthetic":
         return SyntheticTask(size, seed, "" if t.system_prompt is None else t.system_prompt)
     if t.name == "jsonl":

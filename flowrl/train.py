@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 if __package__ in (None, ""):  # `python flowrl/train.py`: import the package, not its sibling files
     _here = Path(__file__).resolve().parent
@@ -84,28 +84,46 @@ def params_finite(policy, env) -> bool:
     return not distributed.any_over_ranks(~torch.isfinite(torch.stack(sums).sum()))
 
 
-def score(task, problems, texts, k, cfg, env, where: str) -> torch.Tensor:
-    """Rewards (float64, one per text; text i answers problems[i // k]). A reward function that raises or
-    returns anything but a real number stops the run on every rank (TrainingStopped) with the task, the
-    prompt and the completion; NaN is a number (that step is skipped by the non-finite guard)."""
-    out, bad = [], None
-    for i, text in enumerate(texts):
-        try:
-            r = task.reward(problems[i // k], text)
+def score(task, problems, texts, k, cfg, env, where: str) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """Rewards (float64, one per text; text i answers problems[i // k]) and the task's batch metrics, from
+    one ``task.score`` call (the code task runs its sandbox pool over the whole batch). A reward function
+    that raises or returns anything but a real number stops the run on every rank (TrainingStopped) with
+    the task, the prompt and the completion; NaN is a number (that step is skipped by the non-finite guard)."""
+    per_text = [problems[i // k] for i in range(len(texts))]
+    out, metrics, bad = [float("nan")] * len(texts), {}, None
+
+    def sample(i: int, why: str) -> str:
+        return (f"the reward of task {cfg.task.name!r} {why} ({where}, rank {env.rank}, prompt {i // k} of "
+                f"this rank's batch, sample {i % k}; question {per_text[i].question[:120]!r}; "
+                f"completion {texts[i][:200]!r}{'...' if len(texts[i]) > 200 else ''}).")
+
+    try:
+        scores, metrics = task.score(per_text, texts)
+    except Exception as e:  # noqa: BLE001 - any failure of user code is reported with its sample
+        scores, why = None, f"raised {type(e).__name__}: {str(e)[:300]}"
+        for i in range(len(texts)):  # the batch call names no sample: find the first one that fails alone
+            try:
+                task.score([per_text[i]], [texts[i]])
+            except Exception as e1:  # noqa: BLE001
+                bad = sample(i, f"raised {type(e1).__name__}: {str(e1)[:300]}")
+                break
+        if bad is None:
+            bad = (f"the reward of task {cfg.task.name!r} {why} on the whole batch ({where}, rank {env.rank}; "
+                   "every sample scores alone).")
+    if scores is not None and len(scores) != len(texts):
+        bad = (f"task {cfg.task.name!r} returned {len(scores)} rewards for {len(texts)} completions "
+               f"({where}, rank {env.rank}).")
+    elif scores is not None:
+        for i, r in enumerate(scores):
             r = r.item() if torch.is_tensor(r) and r.numel() == 1 else r
-            why = None if isinstance(r, numbers.Real) else (
-                f"returned {type(r).__name__} {repr(r)[:80]}, not a number")
-        except Exception as e:  # noqa: BLE001 - any failure of user code is reported with its sample
-            r, why = None, f"raised {type(e).__name__}: {str(e)[:300]}"
-        if why is not None and bad is None:
-            bad = (f"the reward of task {cfg.task.name!r} {why} ({where}, rank {env.rank}, prompt {i // k} of "
-                   f"this rank's batch, sample {i % k}; question {problems[i // k].question[:120]!r}; "
-                   f"completion {text[:200]!r}{'...' if len(text) > 200 else ''}).")
-        out.append(float(r) if why is None else float("nan"))
+            if not isinstance(r, numbers.Real):
+                bad = sample(i, f"returned {type(r).__name__} {repr(r)[:80]}, not a number")
+                break
+            out[i] = float(r)
     if distributed.any_over_ranks(torch.tensor(bad is not None, device=env.device)):
         raise TrainingStopped(bad or f"a reward function failed on another rank ({where}; its message names "
                                      "the sample).")
-    return torch.tensor(out, dtype=torch.float64)
+    return torch.tensor(out, dtype=torch.float64), metrics
 
 
 def update_policy(step, cfg, env, policy, ref, batch, r_hat, opt, sched):
@@ -196,7 +214,8 @@ def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) 
     batch = sampler.generate(policy, [task.messages(p) for p in problems], n=G,
                              max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                              top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, version=step)
-    rewards = score(task, problems, batch.texts, G, cfg, env, f"step {step + 1}").float()
+    rewards, task_metrics = score(task, problems, batch.texts, G, cfg, env, f"step {step + 1}")
+    rewards = rewards.float()
     r_hat = algorithms.normalized_rewards(rewards, G).to(env.device)
     distributed.synchronize(env.device)
     t_gen = time.perf_counter()
@@ -215,6 +234,7 @@ def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) 
     gap = {} if batch.sampler_logp is None else rollout.logp_mismatch(
         batch.sampler_logp, trainer_old if trainer_old is not None else torch.cat(up["first_logp"]), mask)
     record.update({k: v for k, v in gap.items() if k.endswith("_mean")})
+    record.update(task_metrics)  # e.g. the code task's tests_passed, sandbox_s
     record = distributed.mean_over_ranks(record, env.device)
     record.update({k: distributed.max_over_ranks(v, env.device) for k, v in gap.items() if k.endswith("_max")})
     if hasattr(sampler, "sync_time"):
@@ -241,6 +261,8 @@ def evaluate(step, cfg, env, policy, sampler, task, metrics) -> dict:
     mine = [task[env.rank * per_rank + j] for j in range(per_rank)]
     # prompts, correct samples, solved prompts, reward, format, length, distinct correct (sum), entropy (sum)
     sums = torch.zeros(8, dtype=torch.float64)
+    task_sums, pass_ks = {}, [j for j in (2, 4, 8, 16, 32) if j < k]
+    pass_sums = {j: 0.0 for j in pass_ks}
     with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
         torch.manual_seed(cfg.run.seed + 7 * env.rank + 1)  # the same draws at every evaluation
         for lo in range(0, per_rank, chunk):
@@ -249,8 +271,12 @@ def evaluate(step, cfg, env, policy, sampler, task, metrics) -> dict:
                                      max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                                      temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, top_k=0,
                                      version=step)
-            r = score(task, probs, batch.texts, k, cfg, env, f"evaluation at step {step}")
+            r, extra = score(task, probs, batch.texts, k, cfg, env, f"evaluation at step {step}")
+            for key, v in extra.items():  # task metrics, weighted by samples (a per-rank mean)
+                task_sums[key] = task_sums.get(key, 0.0) + v * len(batch.texts)
             correct = (r >= 1.0).view(-1, k)
+            for j in pass_ks:  # unbiased pass@j from k samples (tasks.pass_at_k); pass@1 = accuracy
+                pass_sums[j] += sum(tasks.pass_at_k(k, int(c), j) for c in correct.sum(-1))
             answers = [tasks.extract_answer(t) for t in batch.texts]
             answers = [answers[i: i + k] for i in range(0, len(answers), k)]
             n_solved = int(correct.any(-1).sum())
@@ -265,6 +291,10 @@ def evaluate(step, cfg, env, policy, sampler, task, metrics) -> dict:
               "format_rate": sums[4].item() / n, "response_len": sums[5].item() / n,
               "distinct_correct": sums[6].item() / max(sums[2].item(), 1),
               "answer_entropy": sums[7].item() / max(sums[0].item(), 1)}
+    record.update({f"pass_at_{j}": distributed.all_reduce_sum(torch.tensor([v], dtype=torch.float64, device=env.device)
+                                                             ).item() / max(sums[0].item(), 1)
+                   for j, v in pass_sums.items()})
+    record.update({key: v / max(per_rank * k, 1) for key, v in task_sums.items()})
     metrics.eval(record)
     return record
 
