@@ -1,4 +1,4 @@
-"""flowrl_loss: the FlowRL trajectory-balance loss over [B, T] token log-probs (FLOWRL.md).
+"""flowrl_loss: the FlowRL trajectory-balance loss over [B, T] token log-probs (docs/flowrl.md).
 
 Byte floor: forward reads logp, old_logp, ref_logp (fp32 [B, T]) and the bool mask once, 13 B/token;
 backward reads the mask and writes grad_logp, 5 B/token; full = 18 B/token ([B] vectors are noise).

@@ -17,6 +17,7 @@ import math
 import torch
 
 import flowrl_kernels
+from flowrl import presets
 from flowrl.config import Algo
 
 
@@ -31,8 +32,7 @@ def needs_reference(algo: Algo) -> bool:
 
 def clip_bounds(clip) -> Tuple[Optional[float], Optional[float]]:
     """Config [lo, hi] with negative = unbounded -> the (lo, hi) tuple flowrl_loss takes."""
-    lo, hi = clip
-    return (None if lo < 0 else float(lo), None if hi < 0 else float(hi))
+    return presets.clip_tuple(clip)
 
 
 def _outside(log_w: torch.Tensor, valid: torch.Tensor, lo: Optional[float], hi: Optional[float]
@@ -79,7 +79,7 @@ def flowrl_objective(out: Dict[str, torch.Tensor], old_logp: torch.Tensor, ref_l
     """Micro-batch share of mean_i w_i delta_i^2 over a mini-batch of ``n_seq`` sequences."""
     loss, st = flowrl_kernels.flowrl_loss(out["logp"], old_logp, ref_logp, out["log_z"], r_hat, mask,
                                           beta=algo.beta, importance=algo.importance,
-                                          clip=clip_bounds(algo.clip), reduction="sum")
+                                          clip=clip_bounds(algo.clip), reduction="sum", empty=algo.empty)
     stats = {"delta": st["delta"].mean(), "delta_abs": st["delta"].abs().mean(), "is_weight": st["weight"].mean(),
              "is_clip_frac": st["clip_frac"], "logp_mean": st["logp_mean"].mean(),
              "ref_logp_mean": st["ref_logp_mean"].mean(), "log_z": out["log_z"].detach().float().mean(),

@@ -2,8 +2,9 @@
 
     cfg = load(["--config", "flowrl/configs/tiny.toml", "--algo.name=grpo", "--train.steps", "3"])
 
-Precedence: dataclass defaults < the TOML file (default: flowrl/configs/default.toml) < CLI overrides
-``--section.key=value`` (or ``--section.key value``). A CLI value is read as a TOML value when it
+Precedence: dataclass defaults < the FlowRL preset named by ``algo.preset`` (flowrl/presets.py: a set of
+field values; the defaults are the ``paper`` preset's) < the TOML file (default:
+flowrl/configs/default.toml) < CLI overrides ``--section.key=value`` (or ``--section.key value``). A CLI value is read as a TOML value when it
 parses as one (``3``, ``1e-5``, ``true``, ``[0.8, 1.2]``, ``{min_terms = 2}``), else as a string.
 Every field is type-checked and every section validates itself in ``__post_init__``: an unknown key or
 a bad value raises ``ConfigError`` naming the key and the fix, before any model is built.
@@ -20,6 +21,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from flowrl import presets
 
 try:
     import tomllib
@@ -122,16 +125,22 @@ class Model:
 @dataclass
 class LogZ:
     include_last_token: bool = True
-    """Pool over every prompt token; false reproduces the authors' code, which drops the last one."""
+    """Pool over every prompt token; false reproduces the authors' code, which drops the last one
+    (set by algo.preset: true for 'paper', false for 'authors' / 'verl-recipe')."""
     detach_input: bool = False
     """Stop log Z's gradient at its input (the authors' code lets it reach the backbone)."""
     lr: float = 1e-3
-    """Learning rate of the log Z head (its own AdamW param group, weight decay 0)."""
+    """Learning rate of the log Z head when param_group='own' (weight decay 0 there)."""
+    param_group: str = "own"
+    """'own': the head in its own AdamW group (logz.lr, no weight decay); 'policy': in the policy's group
+    (optim.lr, optim.weight_decay, the warmup), as the authors' code does (set by algo.preset)."""
     dropout: float = 0.1
-    """Dropout inside the head's MLP (FLOWRL.md: 0.1)."""
+    """Dropout inside the head's MLP (docs/flowrl.md: 0.1 in all sources)."""
 
     def __post_init__(self):
         _check(self.lr > 0, f"logz.lr={self.lr} must be > 0.")
+        _check(self.param_group in ("own", "policy"),
+               f"logz.param_group={self.param_group!r}: use 'own' (its own lr, no decay) or 'policy'.")
         _check(0.0 <= self.dropout < 1.0, f"logz.dropout={self.dropout} must be in [0, 1).")
 
 
@@ -181,7 +190,7 @@ class Rollout:
     max_new_tokens: int = 48
     """Response length cap."""
     temperature: float = 1.0
-    """Sampling temperature; also the temperature of every log-prob and entropy (FLOWRL.md)."""
+    """Sampling temperature; also the temperature of every log-prob and entropy (docs/flowrl.md)."""
     top_p: float = 1.0
     """Nucleus sampling; < 1 makes the samples off-policy w.r.t. the log-probs (kept 1.0 for training)."""
     top_k: int = 0
@@ -226,12 +235,21 @@ class Rollout:
 class Algo:
     name: str = "flowrl"
     """'flowrl' (trajectory balance to pi_ref * exp(beta r) / Z) or 'grpo' (the baseline)."""
+    preset: str = "paper"
+    """FlowRL preset (flowrl/presets.py, docs/flowrl.md): 'paper', 'authors' (their verl fork) or
+    'verl-recipe'. It sets algo.importance, algo.clip, algo.empty, logz.include_last_token and
+    logz.param_group; each of those given in the TOML or on the CLI wins over the preset."""
     beta: float = 15.0
     """FlowRL reward temperature (the authors hard-code 15)."""
     importance: str = "sequence"
-    """FlowRL importance weight: 'sequence' (token-sum ratio, the paper), 'sequence_mean' (GSPO) or 'none'."""
+    """FlowRL importance weight: 'sequence' (token-sum ratio: paper and authors), 'sequence_mean' (GSPO)
+    or 'none' (w = 1, an ablation)."""
     clip: List[float] = field(default_factory=lambda: [0.8, 1.2])
-    """FlowRL weight clip [lo, hi]; a negative bound means none (e.g. [-1, 10] = clamp(max=10))."""
+    """FlowRL weight clip [lo, hi]; a negative bound means none: [0.8, 1.2] paper, [-1, -1] authors (raw
+    weight), [-1, 10] verl-recipe (clamp(max=10))."""
+    empty: str = "zero"
+    """FlowRL rule for an empty response: 'zero' (weight 0, paper) or 'logz' (weight 1, residual log Z:
+    adds log Z^2, the authors' code)."""
     eps: List[float] = field(default_factory=lambda: [0.2, 0.2])
     """GRPO ratio clip [eps_low, eps_high]."""
     kl_coef: float = 0.0
@@ -241,7 +259,10 @@ class Algo:
 
     def __post_init__(self):
         _check(self.name in ("flowrl", "grpo"), f"algo.name={self.name!r}: use 'flowrl' or 'grpo'.")
+        _check(self.preset in presets.PRESETS,
+               f"algo.preset={self.preset!r}: use one of {sorted(presets.PRESETS)} (docs/flowrl.md).")
         _check(self.beta > 0, f"algo.beta={self.beta} must be > 0.")
+        _check(self.empty in ("zero", "logz"), f"algo.empty={self.empty!r}: use 'zero' or 'logz'.")
         _check(self.importance in ("sequence", "sequence_mean", "none"),
                f"algo.importance={self.importance!r}: use 'sequence', 'sequence_mean' or 'none'.")
         _check(len(self.clip) == 2, f"algo.clip={self.clip} must be [lo, hi].")
@@ -447,6 +468,13 @@ def build(data: Dict[str, Any], overrides: Optional[Dict[str, Any]] = None) -> C
         _check(sec in sections, f"unknown config section in --{dotted}; known: {', '.join(sections)}.")
         merged[sec][key] = value
         from_cli[dotted] = raw
+    # the preset fills the fields it names that neither the TOML nor the CLI set (explicit values win)
+    preset = merged["algo"].get("preset", presets.DEFAULT_PRESET)
+    _check(isinstance(preset, str) and preset in presets.PRESETS,
+           f"algo.preset={preset!r}: use one of {sorted(presets.PRESETS)} (docs/flowrl.md).")
+    for dotted, value in presets.PRESETS[preset].items():
+        sec, _, key = dotted.partition(".")
+        merged[sec].setdefault(key, list(value) if isinstance(value, list) else value)
     kwargs = {}
     for sec, cls in sections.items():
         hints = typing.get_type_hints(cls)

@@ -1,4 +1,4 @@
-"""Diversity of a policy's answers: the quantities FlowRL claims to preserve (FLOWRL.md).
+"""Diversity of a policy's answers: the quantities FlowRL claims to preserve (docs/flowrl.md).
 
 Pure functions over extracted answers (strings, or None when a response has no parsable answer), so
 evaluation (flowrl/train.py) and the diversity experiment (flowrl/experiments/) share one definition.

@@ -129,7 +129,7 @@ def tiny_lm(kind: str, vocab: int, layers: int, hidden: int, special_ids: Dict[s
 # log Z head
 # ----------------------------------------------------------------------------------------------------
 class LogZHead(nn.Module):
-    """log Z_phi(x): [Linear(H,H) -> GELU -> LayerNorm(H) -> Dropout] x 2 -> Linear(H,1) (FLOWRL.md)."""
+    """log Z_phi(x): [Linear(H,H) -> GELU -> LayerNorm(H) -> Dropout] x 2 -> Linear(H,1) (docs/flowrl.md)."""
 
     def __init__(self, hidden: int, dropout: float = 0.1):
         super().__init__()

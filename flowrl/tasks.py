@@ -10,7 +10,7 @@
 - ``SyntheticTask``: a tiny verifiable task in the tiny models' character vocabulary (tests).
 
 The prompt carries ONE solved example turn: SmolLM2-135M-Instruct writes <answer> tags 0% of the time
-from instructions alone and 57% with one example (FLOWRL.md, measured).
+from instructions alone and 57% with one example (docs/flowrl.md, measured).
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class Task:
 
 def _worked_solution(answer: str, expression: Optional[str]) -> str:
     # "4 - 1 = 3\n<answer>3</answer>": with the expression written out the model computes rather
-    # than copies the example's number (FLOWRL.md)
+    # than copies the example's number (docs/flowrl.md)
     if expression and expression.strip() != answer.strip():
         return f"{expression} = {answer}\n<answer>{answer}</answer>"
     return f"<answer>{answer}</answer>"

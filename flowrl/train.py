@@ -31,11 +31,16 @@ from flowrl.metrics import Metrics, peak_memory_mb, reset_peak_memory
 
 
 def build_optimizer(policy, cfg: config.Config):
-    """AdamW with two groups: the LM (optim.lr, weight decay) and the log Z head (logz.lr, no decay)."""
+    """AdamW over the LM (optim.lr, weight decay) and the log Z head: its own group (logz.lr, no decay) for
+    logz.param_group='own', or inside the LM's group for 'policy' (the authors' code: one optimizer over
+    every parameter of the actor, head included)."""
     groups = [{"params": [p for p in policy.lm.parameters() if p.requires_grad],
                "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay}]
     if policy.log_z is not None:
-        groups.append({"params": list(policy.log_z.parameters()), "lr": cfg.logz.lr, "weight_decay": 0.0})
+        if cfg.logz.param_group == "policy":
+            groups[0]["params"] += list(policy.log_z.parameters())
+        else:
+            groups.append({"params": list(policy.log_z.parameters()), "lr": cfg.logz.lr, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas))
     warm = cfg.optim.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)

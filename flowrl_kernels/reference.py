@@ -3,7 +3,7 @@
 Tests compare every fast path (Triton, native C++/CUDA) against these functions evaluated in float64,
 and benchmarks import their baseline from here. Math runs in float32 whatever the input dtype
 (float64 when given float64). Nothing here is fused or memory-lean on purpose: it is written to be
-obviously right (FLOWRL.md is the source of every formula).
+obviously right (docs/flowrl.md derives every formula of the FlowRL ops).
 
 Shapes: N (or [...]) tokens, V vocab, H hidden, B sequences, T tokens per sequence.
 """
@@ -201,8 +201,8 @@ def flowrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
                 rewards: torch.Tensor, mask: torch.Tensor, *, beta: float = 15.0,
                 importance: str = "sequence",
                 clip: Tuple[Optional[float], Optional[float]] = (0.8, 1.2),
-                reduction: str = "mean") -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """FlowRL trajectory-balance loss (FLOWRL.md).
+                reduction: str = "mean", empty: str = "zero") -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """FlowRL trajectory-balance loss (docs/flowrl.md).
 
     delta_i = log_z_i + mean_t logp_it - beta * r_i - mean_t ref_logp_it     (means over m_it, L_i)
     w_i     = detach(clip(pi_theta / pi_old))   importance: "sequence" (token-sum ratio, the paper),
@@ -211,11 +211,19 @@ def flowrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
 
     logp, old_logp, ref_logp, mask [B, T]; log_z, rewards [B]. ``rewards`` is the normalized reward
     r_hat (see group_normalize). Gradients reach ``logp`` and ``log_z`` only: old_logp, ref_logp and
-    rewards are constants, and w is detached. Rows with L_i = 0 get weight 0 (no loss, no gradient).
-    Returns (loss, stats) with stats = {delta, weight, clip_frac, logp_mean, ref_logp_mean} (detached).
+    rewards are constants, and w is detached.
+    Rows with L_i = 0 (empty responses), by ``empty``:
+      "zero": w_i = 0 (no loss, no gradient; delta_i = log_z_i - beta r_i is still reported);
+      "logz": w_i = 1 and delta_i = log_z_i, so the row adds log_z_i^2 and pushes log Z towards 0 (the
+              FlowRL authors' code: its reward is a masked mean of token-level advantages, 0 over no tokens).
+    Returns (loss, stats) with stats = {delta, weight, clip_frac, logp_mean, ref_logp_mean} (detached);
+    clip_frac counts non-empty rows only.
     """
     if importance not in ("sequence", "sequence_mean", "none"):
         raise ValueError(f"importance must be 'sequence', 'sequence_mean' or 'none', got {importance!r}.")
+    if empty not in ("zero", "logz"):
+        raise ValueError(f"empty must be 'zero' (an empty response weighs 0) or 'logz' (it adds log_z^2, "
+                         f"the FlowRL authors' rule), got {empty!r}.")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
     cd = compute_dtype(logp, log_z)
@@ -231,6 +239,10 @@ def flowrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
                                      level="sequence" if importance == "sequence" else "sequence_mean",
                                      clip=clip)
         w = w.to(cd)
+    if empty == "logz":
+        is_empty = _mask(mask, cd).sum(-1) == 0
+        delta = torch.where(is_empty, log_z.to(cd), delta)
+        w = torch.where(is_empty, torch.ones((), dtype=cd, device=w.device), w)
     per_seq = w * delta * delta
     if reduction == "mean":
         loss = per_seq.sum() / max(per_seq.shape[0], 1)

@@ -154,6 +154,33 @@ def test_empty_rows(impl, device):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("importance, clip", [("sequence", (None, None)), ("sequence", (None, 10.0)),
+                                              ("sequence_mean", (0.8, 1.2)), ("none", (0.8, 1.2))])
+def test_empty_rule_logz(impl, dtype, importance, clip, device):
+    """empty="logz" (the authors' rule): an empty row has w = 1, delta = log_z, loss log_z^2 and gradient
+    2 g log_z to its log_z, whatever its reward (not read) and logp row (0 gradient); other rows as before."""
+    logp, old, ref, log_z, rewards, mask = make_inputs(5, 33, dtype, device, noise=0.05)
+    mask[1] = False
+    mask[4] = False
+    logp[1] = float("nan")  # nothing of an empty row's tokens is read
+    rewards[4] = float("nan")  # nor its reward
+    inputs = (logp, old, ref, log_z, rewards, mask)
+    out = check_against_reference(inputs, impl, "none", importance=importance, clip=clip, empty="logz")
+    loss, stats, g_logp, g_log_z = out
+    zero = check_against_reference((logp, old, ref, log_z, rewards.nan_to_num(0.0), mask), impl, "none",
+                                   importance=importance, clip=clip)
+    for i in (1, 4):
+        assert stats["weight"][i] == 1 and stats["delta"][i] == log_z[i]
+        assert float(loss[i]) == pytest.approx(float(log_z[i]) ** 2, rel=1e-6)
+        assert torch.equal(g_logp[i], torch.zeros_like(g_logp[i])) and g_log_z[i] != 0
+    for i in (0, 2, 3):  # the non-empty rows are the same under both rules (gradients: checked above)
+        assert loss[i] == zero[0][i] and stats["weight"][i] == zero[1]["weight"][i]
+        assert stats["delta"][i] == zero[1]["delta"][i]
+    assert torch.isfinite(loss).all() and torch.isfinite(g_logp).all() and torch.isfinite(g_log_z).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("importance", ["sequence", "none"])
 def test_fully_masked_batch(impl, importance, device):
     logp, old, ref, log_z, rewards, mask = make_inputs(3, 20, torch.float32, device)
@@ -311,11 +338,13 @@ def test_opcheck(impl, mask, device):
 
 
 @pytest.mark.parametrize("impl", [i for i in IMPLS if i != "torch"])
-def test_eager_twin_is_the_custom_op(impl, monkeypatch, device):
+@pytest.mark.parametrize("empty_logz", [False, True])
+def test_eager_twin_is_the_custom_op(impl, empty_logz, monkeypatch, device):
     """Eager calls skip torch.library's dispatch (_EagerFlowRLLoss); its outputs and gradients are the
     custom op's, bit for bit, and flowrl_loss never reaches the op outside torch.compile."""
     logp, old, ref, log_z, rewards, m = make_inputs(5, 37, torch.bfloat16, device)
-    args = (math.pi, 0, math.log(0.8), math.log(1.2), impl, True)
+    m[2] = False  # an empty row, for both empty-response rules
+    args = (math.pi, 0, math.log(0.8), math.log(1.2), impl, True, empty_logz)
     g = torch.randn(5, device=device)
     outs, grads = [], []
     for f in (fl_mod._EagerFlowRLLoss.apply, fl_mod._fwd_op):
@@ -339,7 +368,7 @@ def test_eager_twin_is_the_custom_op(impl, monkeypatch, device):
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("impl", IMPLS)
 def test_published_formula_by_hand(impl, device):
-    """FLOWRL.md: delta_i = log Z + mean(log pi) - beta r_hat - mean(log pi_ref); w_i = clip(exp(sum_t
+    """docs/flowrl.md: delta_i = log Z + mean(log pi) - beta r_hat - mean(log pi_ref); w_i = clip(exp(sum_t
     (log pi - log pi_old)), 0.8, 1.2) detached; loss = (1/B) sum_i w_i delta_i^2; beta = 15."""
     logp = [[-1.0, -2.0, -0.5, 0.0], [-0.25, -0.75, 0.0, 0.0], [-3.0, 0.0, 0.0, 0.0]]
     old = [[-1.0, -2.1, -0.5, 0.0], [-0.25, -0.35, 0.0, 0.0], [-3.0, 0.0, 0.0, 0.0]]

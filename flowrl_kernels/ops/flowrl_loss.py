@@ -1,6 +1,6 @@
 """Fused FlowRL trajectory-balance loss: one forward and one backward kernel over [B, T].
 
-Spec: ``flowrl_kernels.reference.flowrl_loss`` (FLOWRL.md). The forward reads each [B, T] input once
+Spec: ``flowrl_kernels.reference.flowrl_loss`` (docs/flowrl.md). The forward reads each [B, T] input once
 (logp, old_logp, ref_logp, mask) and writes seven [B] float32 vectors; the backward reads the mask once
 and writes grad_logp once. The reference composes the same loss from ~40 ATen ops, several of which
 materialize [B, T] temporaries (see bench/bench_flowrl_loss.py).
@@ -27,6 +27,7 @@ from .._utils import (check_same_device, check_same_shape, check_tensor, device_
 # ----------------------------------------------------------------------------------------------------
 IMPORTANCE_CODES = {"none": 0, "sequence": 1, "sequence_mean": 2}
 REDUCTIONS = ("mean", "sum", "none")
+EMPTY_RULES = ("zero", "logz")  # an empty response (L_i = 0): weight 0, or w = 1 with delta = log_z
 LOGP_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
                torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -229,27 +230,43 @@ def _kernel_mask(mask: torch.Tensor, impl: str) -> torch.Tensor:
 _Stats7 = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _fwd_impl(logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo, log_hi, impl, has_ref):
+def _empty_logz(outs, log_z):
+    """The "logz" empty-response rule on the kernels' outputs: rows with L_i = 0 get w = 1, delta = log_z,
+    per_seq = log_z^2. The backward kernel then gives d/d log_z = 2 g log_z there with no change (it reads
+    the saved delta and weight), and grad_logp of an empty row is 0 whatever the rule. Three [B] where()s,
+    run only for empty="logz" (the kernels stay as they are)."""
+    per_seq, delta, weight, clipped, lp_bar, ref_bar, length = outs
+    is_empty = length == 0
+    z = log_z.to(torch.float32)
+    return (torch.where(is_empty, z * z, per_seq), torch.where(is_empty, z, delta),
+            torch.where(is_empty, torch.ones_like(weight), weight), clipped, lp_bar, ref_bar, length)
+
+
+def _fwd_impl(logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo, log_hi, impl, has_ref,
+              empty_logz=False):
     """-> (per_seq, delta, weight, clipped, lp_bar, ref_bar, length), 7 float32 [B]."""
     logp, old_logp, ref_logp, mask = _rows(logp), _rows(old_logp), _rows(ref_logp), _kernel_mask(mask, impl)
     if impl == "triton":
-        return _flowrl_loss_fwd_triton(logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance,
+        outs = _flowrl_loss_fwd_triton(logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance,
                                        log_lo, log_hi, has_ref=has_ref)
-    return _flowrl_loss_fwd_native(logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo,
-                                   log_hi)
+    else:
+        outs = _flowrl_loss_fwd_native(logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo,
+                                       log_hi)
+    return _empty_logz(outs, log_z) if empty_logz else outs
 
 
 @torch.library.custom_op("flowrl_kernels::flowrl_loss_fwd", mutates_args=())
 def _fwd_op(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, log_z: torch.Tensor,
             rewards: torch.Tensor, mask: torch.Tensor, beta: float, importance: int, log_lo: float,
-            log_hi: float, impl: str, has_ref: bool) -> _Stats7:
+            log_hi: float, impl: str, has_ref: bool, empty_logz: bool = False) -> _Stats7:
     """-> (per_seq, delta, weight, clipped, lp_bar, ref_bar, length), 7 float32 [B]."""
     return _fwd_impl(logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo, log_hi, impl,
-                     has_ref)
+                     has_ref, empty_logz)
 
 
 @_fwd_op.register_fake
-def _(logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo, log_hi, impl, has_ref):
+def _(logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo, log_hi, impl, has_ref,
+      empty_logz=False):
     return tuple(logp.new_empty((logp.shape[0],), dtype=torch.float32) for _ in range(7))
 
 
@@ -274,7 +291,7 @@ def _(grad_per_seq, delta, weight, length, mask, logp_dtype, impl):
 
 
 def _setup_context(ctx, inputs, output):
-    logp, _, _, log_z, _, mask, _, _, _, _, impl, _ = inputs
+    logp, _, _, log_z, _, mask, _, _, _, _, impl = inputs[:11]
     _, delta, weight, clipped, lp_bar, ref_bar, length = output
     ctx.save_for_backward(delta, weight, length, mask)
     ctx.impl, ctx.logp_dtype, ctx.log_z_dtype = impl, logp.dtype, log_z.dtype
@@ -287,7 +304,7 @@ def _backward(ctx, grad_per_seq, *_unused, bwd=None):
         grad_per_seq = torch.zeros_like(delta)
     grad_logp, grad_log_z = (bwd or _bwd_op)(grad_per_seq, delta, weight, length, mask, ctx.logp_dtype, ctx.impl)
     return (grad_logp, None, None, grad_log_z.to(ctx.log_z_dtype), None, None,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -301,8 +318,9 @@ class _EagerFlowRLLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo, log_hi, impl,
-                has_ref):
-        inputs = (logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo, log_hi, impl, has_ref)
+                has_ref, empty_logz=False):
+        inputs = (logp, old_logp, ref_logp, log_z, rewards, mask, beta, importance, log_lo, log_hi, impl, has_ref,
+                  empty_logz)
         out = _fwd_impl(*inputs)
         _setup_context(ctx, inputs, out)
         ctx.set_materialize_grads(False)  # only per_seq is differentiable; _backward zero-fills a None
@@ -369,14 +387,14 @@ def _fast_impl(impl: Optional[str], device: torch.device, native_op: str, *tenso
 def flowrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, log_z: torch.Tensor,
                 rewards: torch.Tensor, mask: torch.Tensor, *, beta: float = 15.0, importance: str = "sequence",
                 clip: Tuple[Optional[float], Optional[float]] = (0.8, 1.2), reduction: str = "mean",
-                impl: Optional[str] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """FlowRL trajectory-balance loss (FLOWRL.md; spec: ``reference.flowrl_loss``).
+                empty: str = "zero", impl: Optional[str] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """FlowRL trajectory-balance loss (docs/flowrl.md; spec: ``reference.flowrl_loss``).
 
         delta_i = log_z_i + mean_t logp_it - beta * rewards_i - mean_t ref_logp_it   (means over the mask)
         w_i     = detach(exp(clamp(logr_i, log lo, log hi)))
                   importance="sequence":      logr_i = sum_t m_it (logp_it - old_logp_it)   (the paper)
                   importance="sequence_mean": logr_i = that sum / L_i                       (GSPO)
-                  importance="none":          w_i = 1                                      (authors' release)
+                  importance="none":          w_i = 1  (an ablation; neither the paper nor the authors' code)
         loss    = sum_i w_i delta_i^2 / B (reduction "mean"), the sum ("sum"), or per_seq [B] ("none")
 
     Args:
@@ -394,6 +412,8 @@ def flowrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
             the log-weight at 64 (w ~ 6.2e27). The clip acts on the log-ratio, so |log-ratio| of 1e4 or
             32k-token sequences never overflow.
         reduction: "mean" | "sum" | "none".
+        empty: the rule for an empty row (L_i = 0): "zero" (weight 0, the default) or "logz" (w_i = 1 and
+            delta_i = log_z_i: the row adds log_z_i^2, as in the FlowRL authors' code; docs/flowrl.md).
         impl: None | "torch" | "triton" | "native" (see ``flowrl_kernels._utils.resolve_impl``).
 
     Returns ``(loss, stats)``: loss float32 (float64 on the float64 torch path) 0-dim, or [B] for
@@ -401,8 +421,10 @@ def flowrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
     non-empty rows whose raw ratio lay outside [lo, hi]), logp_mean [B], ref_logp_mean [B]}.
 
     Edge cases (all tested):
-      - empty row (L_i = 0): weight 0, logp_mean = ref_logp_mean = 0, delta = log_z - beta * r, no loss,
-        zero gradient to its logp row; a fully masked batch gives loss 0 and zero gradients.
+      - empty row (L_i = 0), empty="zero": weight 0, logp_mean = ref_logp_mean = 0, delta = log_z - beta * r,
+        no loss, zero gradient to its logp row; a fully masked batch gives loss 0 and zero gradients.
+        empty="logz": weight 1, delta = log_z, loss log_z^2, gradient 2 log_z / B to its log_z (its reward
+        is not read); its logp row still gets 0. Either way it is not counted in clip_frac.
       - values at masked positions (inf, NaN, garbage) never leak into anything.
       - -inf in old_logp at a valid token: log-ratio +inf -> the row is clipped to hi (w = exp(64) when
         hi is None); with importance="none" it is not read at all.
@@ -430,18 +452,21 @@ def flowrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
         raise ValueError(f"importance must be one of {tuple(IMPORTANCE_CODES)}, got {importance!r}.")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    if empty not in EMPTY_RULES:
+        raise ValueError(f"empty must be one of {EMPTY_RULES} ('zero': an empty response weighs 0; 'logz': it "
+                         f"adds log_z^2, the FlowRL authors' rule), got {empty!r}.")
     if isinstance(beta, torch.Tensor) or not math.isfinite(float(beta)):
         raise ValueError(f"beta must be a finite Python float, got {beta!r}.")
     log_lo, log_hi = check_clip(clip)
     impl = _fast_impl(impl, device, "flowrl_loss_fwd", logp, old_logp, ref_logp, log_z, rewards)
     if impl == "torch":
         return reference.flowrl_loss(logp, old_logp, ref_logp, log_z, rewards, mask, beta=float(beta),
-                                     importance=importance, clip=clip, reduction=reduction)
+                                     importance=importance, clip=clip, reduction=reduction, empty=empty)
 
     fwd = _fwd_op if torch.compiler.is_compiling() else _EagerFlowRLLoss.apply
     per_seq, delta, weight, clipped, lp_bar, ref_bar, length = fwd(
         logp, old_logp, ref_logp, log_z, rewards, mask, float(beta), IMPORTANCE_CODES[importance], log_lo, log_hi,
-        impl, True)
+        impl, True, empty == "logz")
     if reduction == "mean":
         loss = per_seq.sum() / max(B, 1)
     elif reduction == "sum":
