@@ -66,17 +66,24 @@ from trl.trainer.utils import add_fused_lm_head
 import flowrl_kernels
 import flowrl_kernels.integrations.trl as fk_trl
 from flowrl_kernels.hf import left_padded_position_ids
-from flowrl import algorithms
+from flowrl import algorithms, presets
 from flowrl.config import Algo
 from flowrl.model import LogZHead, log_z_from_hidden
 
 LOG_Z_FILE = "flowrl_log_z.safetensors"
 
-# preset -> FlowRL field values; a field set explicitly in FlowRLConfig overrides its preset value
-PRESETS = {
-    "paper": dict(flowrl_beta=15.0, flowrl_importance="sequence", flowrl_clip=[0.8, 1.2], log_z_lr=1e-3,
-                  log_z_dropout=0.1, log_z_include_last_prompt_token=True, log_z_detach_input=False),
-}
+# flowrl/presets.py's fields -> FlowRLConfig's; FlowRL fields no preset sets take _DEFAULTS
+_PRESET_FIELDS = {"algo.importance": "flowrl_importance", "algo.clip": "flowrl_clip", "algo.empty": "flowrl_empty",
+                  "logz.include_last_token": "log_z_include_last_prompt_token", "logz.param_group": "log_z_param_group"}
+_DEFAULTS = dict(flowrl_beta=15.0, log_z_lr=1e-3, log_z_dropout=0.1, log_z_detach_input=False)
+assert set(_PRESET_FIELDS) == set(presets.PRESET_FIELDS), "flowrl/presets.py gained a field FlowRLConfig lacks"
+
+
+def preset_values(name: str) -> dict:
+    """FlowRLConfig field -> value for a preset (flowrl/presets.py, docs/flowrl.md)."""
+    presets.check_preset(name)
+    return {**_DEFAULTS, **{_PRESET_FIELDS[k]: copy.deepcopy(v) for k, v in presets.PRESETS[name].items()}}
+
 
 # GRPOConfig options FlowRL does not use: name -> (the only accepted value, why / what to use instead)
 _FIXED = {
@@ -103,8 +110,11 @@ class FlowRLConfig(GRPOConfig):
 
     The TRL options FlowRL refuses are listed in this module's docstring (flowrl/trl_trainer.py)."""
 
-    preset: str = field(default="paper", metadata={"help": "FlowRL variant: " + ", ".join(PRESETS)
-                                                   + ". Every FlowRL field below left unset takes the preset's value."})
+    preset: str = field(default=presets.DEFAULT_PRESET, metadata={
+        "help": "FlowRL variant (flowrl/presets.py, docs/flowrl.md): 'paper' (clip [0.8, 1.2], empty response "
+                "weight 0, every prompt token pooled, log Z in its own group), 'authors' (their verl fork: raw "
+                "weight, empty response weight 1, last prompt token left out, log Z in the policy's group) or "
+                "'verl-recipe' (as 'authors', weight clamped at 10). A FlowRL field set explicitly wins."})
     flowrl_beta: Optional[float] = field(default=None, metadata={
         "help": "FlowRL reward scale beta in log Z + log pi - beta r_hat - log pi_ref (paper: 15). Not TRL's `beta` "
                 "(a KL coefficient, which must stay 0)."})
@@ -113,8 +123,14 @@ class FlowRLConfig(GRPOConfig):
                 "'sequence_mean' (GSPO's length-normalized ratio) or 'none' (w = 1)."})
     flowrl_clip: Optional[list[float]] = field(default=None, metadata={
         "help": "[lo, hi] clip of the importance weight; a negative bound means none ([-1, 10] = clamp(max=10))."})
+    flowrl_empty: Optional[str] = field(default=None, metadata={
+        "help": "An empty response (no completion token in the mask): 'zero' (weight 0, the paper) or 'logz' "
+                "(weight 1, residual log Z: adds log Z^2, the authors' code)."})
+    log_z_param_group: Optional[str] = field(default=None, metadata={
+        "help": "'own': the log Z head in its own AdamW group (log_z_lr, no weight decay); 'policy': with the "
+                "policy's learning_rate and weight_decay (the authors' code). Same schedule either way."})
     log_z_lr: Optional[float] = field(default=None, metadata={
-        "help": "Learning rate of the log Z head (its own AdamW group, weight decay 0, same schedule)."})
+        "help": "Learning rate of the log Z head when log_z_param_group='own' (weight decay 0, same schedule)."})
     log_z_dropout: Optional[float] = field(default=None, metadata={"help": "Dropout inside the log Z MLP."})
     log_z_include_last_prompt_token: Optional[bool] = field(default=None, metadata={
         "help": "Pool log Z over every prompt token; False drops the last one (the authors' code)."})
@@ -122,13 +138,16 @@ class FlowRLConfig(GRPOConfig):
         "help": "Stop log Z's gradient at the pooled hidden states (the authors let it reach the backbone)."})
 
     def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise ValueError(f"FlowRLConfig.preset={self.preset!r} is unknown; use one of {sorted(PRESETS)}.")
-        for name, value in PRESETS[self.preset].items():
+        if self.preset not in presets.PRESETS:
+            raise ValueError(f"FlowRLConfig.preset={self.preset!r} is unknown; use one of {sorted(presets.PRESETS)} "
+                             "(docs/flowrl.md).")
+        for name, value in preset_values(self.preset).items():
             if getattr(self, name) is None:
-                setattr(self, name, copy.deepcopy(value))
+                setattr(self, name, value)
         self.flowrl_clip = [float(c) for c in self.flowrl_clip]
         self.flowrl_algo()  # flowrl's own checks of beta / importance / clip (ValueError naming the field)
+        if self.log_z_param_group not in ("own", "policy"):
+            raise ValueError(f"FlowRLConfig.log_z_param_group={self.log_z_param_group!r}: use 'own' or 'policy'.")
         if not self.log_z_lr > 0:
             raise ValueError(f"FlowRLConfig.log_z_lr={self.log_z_lr} must be > 0.")
         if not 0.0 <= self.log_z_dropout < 1.0:
@@ -149,11 +168,12 @@ class FlowRLConfig(GRPOConfig):
     def flowrl_algo(self) -> Algo:
         """flowrl's algorithm config for these fields (its checks raise ConfigError, a ValueError)."""
         try:
-            return Algo(name="flowrl", beta=float(self.flowrl_beta), importance=self.flowrl_importance,
-                        clip=list(self.flowrl_clip))
+            return Algo(name="flowrl", preset=self.preset, beta=float(self.flowrl_beta),
+                        importance=self.flowrl_importance, clip=list(self.flowrl_clip), empty=self.flowrl_empty)
         except ValueError as e:
             msg = str(e)
-            for a, b in (("algo.beta", "flowrl_beta"), ("algo.importance", "flowrl_importance"), ("algo.clip", "flowrl_clip")):
+            for a, b in (("algo.beta", "flowrl_beta"), ("algo.importance", "flowrl_importance"),
+                         ("algo.clip", "flowrl_clip"), ("algo.empty", "flowrl_empty")):
                 msg = msg.replace(a, b)
             raise ValueError(f"FlowRLConfig.{msg}") from None
 
@@ -209,11 +229,15 @@ class FlowRLTrainer(GRPOTrainer):
         return self.accelerator.prepare_model(ref, evaluation_mode=True)
 
     def create_optimizer(self, model=None):
-        """TRL's optimizer for the policy, plus the log Z head as its own group (log_z_lr, no decay)."""
+        """TRL's optimizer for the policy, plus the log Z head as one more group: log_z_lr and no weight decay
+        (log_z_param_group='own'), or the policy's learning_rate and weight_decay ('policy', as the authors'
+        single AdamW group). The scheduler, built afterwards, scales every group alike."""
         opt = super().create_optimizer(model)
         if not any(p is q for g in opt.param_groups for p in g["params"] for q in self.log_z.parameters()):
-            opt.add_param_group({"params": list(self.log_z.parameters()), "lr": self.args.log_z_lr,
-                                 "weight_decay": 0.0})
+            own = self.args.log_z_param_group == "own"
+            opt.add_param_group({"params": list(self.log_z.parameters()),
+                                 "lr": self.args.log_z_lr if own else self.args.learning_rate,
+                                 "weight_decay": 0.0 if own else self.args.weight_decay})
         return opt
 
     # ------------------------------------------------------------------------------------------------
@@ -326,7 +350,8 @@ class FlowRLTrainer(GRPOTrainer):
                 flat = torch.cat([g.reshape(-1) for g in grads])
                 torch.distributed.all_reduce(flat)
                 flat /= self.accelerator.num_processes
-                torch._foreach_copy_(grads, list(flat.split([g.numel() for g in grads])))
+                chunks = flat.split([g.numel() for g in grads])
+                torch._foreach_copy_(grads, [c.view_as(g) for c, g in zip(chunks, grads)])
         return loss
 
     def _clip_grad_norm(self, model):
