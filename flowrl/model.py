@@ -141,9 +141,11 @@ class LogZHead(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:  # [B, H] -> [B] float32
         # the head computes in its own parameters' dtype: fp32 (build() makes it an fp32 FSDP unit; log Z
-        # in bf16 would keep 8 mantissa bits), whatever dtype the pooled hidden states arrive in
+        # in bf16 would keep 8 mantissa bits), whatever dtype the pooled hidden states arrive in, and
+        # outside any autocast region (a trainer running the LM under bf16 autocast, e.g. TRL's)
         x = pooled.to(self.mlp[0].weight.dtype)
-        return self.mlp(x).squeeze(-1).float().clone()  # not a view: FSDP hooks warn on view outputs
+        with torch.autocast(x.device.type, enabled=False):
+            return self.mlp(x).squeeze(-1).float().clone()  # not a view: FSDP hooks warn on view outputs
 
 
 def prompt_pool_mask(prompt_attention: torch.Tensor, include_last_token: bool = True) -> torch.Tensor:
@@ -165,6 +167,18 @@ def masked_mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     m = mask.to(dtype).unsqueeze(-1)
     return (hidden.to(dtype) * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def log_z_from_hidden(head: LogZHead, hidden: torch.Tensor, prompt_attention: torch.Tensor, *,
+                      include_last_token: bool = True, detach_input: bool = False) -> torch.Tensor:
+    """log Z(x) [B] fp32 from the LM's last hidden states: the mean over the prompt's positions of
+    hidden [B, >=P, H] (its first P = prompt_attention.shape[1] columns, left-padded prompts) through the
+    head. ``detach_input`` stops log Z's gradient at the backbone. Shared by Policy.forward and
+    flowrl.trl_trainer.FlowRLTrainer (one [B, H] fp32 pooled tensor; the [B, P, H] fp32 temporary of
+    masked_mean_pool for half-precision hidden states)."""
+    P = prompt_attention.shape[1]
+    pooled = masked_mean_pool(hidden[:, :P], prompt_pool_mask(prompt_attention, include_last_token))
+    return head(pooled.detach() if detach_input else pooled)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -202,9 +216,9 @@ class Policy(nn.Module):
         else:
             out, hidden = self._logits_logprobs(input_ids, attention_mask, labels, prompt_len, temperature, entropy)
         if self.log_z is not None:
-            pooled = masked_mean_pool(hidden[:, :prompt_len],
-                                      prompt_pool_mask(attention_mask[:, :prompt_len], self.include_last_token))
-            out["log_z"] = self.log_z(pooled.detach() if self.detach_log_z_input else pooled)
+            out["log_z"] = log_z_from_hidden(self.log_z, hidden, attention_mask[:, :prompt_len],
+                                             include_last_token=self.include_last_token,
+                                             detach_input=self.detach_log_z_input)
         return out
 
     def _fused_logprobs(self, input_ids, attention_mask, labels, prompt_len, temperature, entropy):
