@@ -72,7 +72,14 @@ def convert_gguf(gguf: Path, dst: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.rename(dst)
+    try:
+        tmp.rename(dst)
+    except OSError:
+        # two runs converting at once (separate jobs on one machine): the first rename wins; the loser
+        # drops its copy and uses the winner's (same GGUF -> same folder), instead of crashing
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dst / "config.json").is_file():
+            raise
     return dst
 
 

@@ -350,7 +350,8 @@ def test_reward_failures_name_the_task_and_sample():
     env = distributed.Env(0, 0, 1, torch.device("cpu"), None)
     task = _Rewards(_no_bad)
     probs = [task[0], task[1]]
-    r = train.score(task, probs, ["ok", "x", "nan", "ok"], 2, cfg, env, "step 3")
+    r, metrics = train.score(task, probs, ["ok", "x", "nan", "ok"], 2, cfg, env, "step 3")
+    assert metrics == {}  # the base Task has no batch metrics
     assert r.dtype == torch.float64 and r[0] == 1.0 and r[1] == 0.0 and r[2].isnan()  # NaN: the step is skipped
     with pytest.raises(train.TrainingStopped, match=r"task 'synthetic' raised KeyError: 'no such field' \(step 3, "
                        r"rank 0, prompt 1 of this rank's batch, sample 1; question 'q1'; "
