@@ -47,3 +47,18 @@ def import_or_skip(module: str):
     except Exception as e:  # noqa: BLE001 - any import failure is a reason to skip
         pytest.skip(f"{module} does not import here ({type(e).__name__}: {e}); "
                     "see pyproject extra 'integrations' for what CI installs")
+
+
+class ScriptedSampler:
+    """A rollout sampler that returns fixed completions (texts[:B]) with dummy token tensors: the trainer's
+    evaluate / train_step on hand-written answers without a model's generate."""
+
+    def __init__(self, texts):
+        self.texts = texts
+
+    def generate(self, policy, messages, *, n, **kw):
+        from flowrl import rollout
+        B = len(messages) * n
+        mask = torch.ones(B, 3, dtype=torch.bool)
+        return rollout.Batch(torch.zeros(B, 5, dtype=torch.long), torch.ones(B, 5), torch.zeros(B, 3), mask, 2,
+                             self.texts[: B])

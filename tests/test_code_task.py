@@ -17,6 +17,7 @@ import torch
 
 from flowrl import code_task, config, distributed, rollout, tasks, train
 from flowrl.metrics import Metrics
+from helpers import ScriptedSampler as _ScriptedSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "flowrl" / "configs" / "tiny.toml")
@@ -105,17 +106,6 @@ def test_humaneval_from_the_installed_package():
     rewards, m = ev.score(picks * 3, full + body + wrong)
     assert rewards == [1.0] * 6 + [0.0] * 3, rewards
     assert "Complete this Python function" in picks[0].question and picks[0].question.endswith("```")
-
-
-class _ScriptedSampler:
-    def __init__(self, texts):
-        self.texts = texts
-
-    def generate(self, policy, messages, *, n, **kw):
-        B = len(messages) * n
-        mask = torch.ones(B, 3, dtype=torch.bool)
-        return rollout.Batch(torch.zeros(B, 5, dtype=torch.long), torch.ones(B, 5), torch.zeros(B, 3), mask, 2,
-                             self.texts[: B])
 
 
 def test_evaluate_reports_pass_at_k_on_the_code_task():

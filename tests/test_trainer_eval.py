@@ -16,6 +16,7 @@ import torch
 
 from flowrl import config, distributed, model, plot, rollout, tasks, train
 from flowrl.metrics import Metrics
+from helpers import ScriptedSampler as _ScriptedSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "flowrl" / "configs" / "tiny.toml")
@@ -44,17 +45,6 @@ class _ManyAnswers(tasks.Task):
 
     def reward(self, p, response):
         return float(tasks.extract_answer(response) in p.answer.split("|"))
-
-
-class _ScriptedSampler:
-    def __init__(self, texts):
-        self.texts = texts
-
-    def generate(self, policy, messages, *, n, **kw):
-        B = len(messages) * n
-        mask = torch.ones(B, 3, dtype=torch.bool)
-        return rollout.Batch(torch.zeros(B, 5, dtype=torch.long), torch.ones(B, 5), torch.zeros(B, 3), mask, 2,
-                             self.texts[: B])
 
 
 def test_evaluate_avg_pass_and_diversity():
