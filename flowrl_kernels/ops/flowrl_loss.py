@@ -20,7 +20,9 @@ import torch
 
 from .._triton_compat import tl, triton
 from .. import reference
-from .._utils import COEF_MAX, check_real, check_same_device, check_tensor, device_guard, empty
+# check_same_shape, resolve_impl, triton_interpret: unused here since issue 25, still importable from here
+from .._utils import (COEF_MAX, check_real, check_same_device, check_same_shape, check_tensor, device_guard,  # noqa: F401
+                      empty, resolve_impl, triton_interpret)
 # The forward kernel, its launchers and custom op, the dtypes and checks are shared with
 # sequence.importance_weights: they live in _common.py (re-exported here under their old names).
 from ._common import (BLOCK_T_GPU, BLOCK_T_INTERPRET, IMPORTANCE_CODES, LOGP_DTYPES, MASK_DTYPES, MAX_T,  # noqa: F401
