@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import flowrl_kernels as fk
+import flowrl_kernels.ops._common as common_mod
 import flowrl_kernels.ops.flowrl_loss as fl_mod
 import flowrl_kernels.ops.linear_token_logprobs as lin_mod
 import flowrl_kernels.ops.token_logprobs as tlp_mod
@@ -59,8 +60,9 @@ def test_public_ops_refuse_native_on_cuda_before_any_kernel(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a kernel ran before the impl check")
 
-    monkeypatch.setattr(fl_mod, "_flowrl_loss_fwd_native", boom)
-    monkeypatch.setattr(fl_mod, "_flowrl_loss_fwd_triton", boom)
+    for mod in (fl_mod, common_mod):  # the forward launchers live in _common.py, re-exported by flowrl_loss
+        monkeypatch.setattr(mod, "_flowrl_loss_fwd_native", boom)
+        monkeypatch.setattr(mod, "_flowrl_loss_fwd_triton", boom)
     with FakeTensorMode():
         dev = torch.device("cuda:0")
         logp = torch.zeros(3, 7, device=dev)
@@ -122,7 +124,7 @@ def test_every_triton_launch_runs_under_its_tensors_device(monkeypatch):
             return launch
 
     kernels = set()
-    for mod in (tlp_mod, lin_mod, fl_mod):
+    for mod in (tlp_mod, lin_mod, fl_mod, common_mod):  # _common: the FlowRL forward kernel
         for name, obj in list(vars(mod).items()):
             if _is_kernel(name, obj):
                 kernels.add(name)

@@ -9,6 +9,7 @@ from flowrl_kernels import flowrl_loss, reference
 from flowrl_kernels._utils import native_has
 from helpers import DEVICE, assert_no_worse_than_torch
 
+import flowrl_kernels.ops._common as common_mod
 import flowrl_kernels.ops.flowrl_loss as fl_mod
 
 IMPLS = ["triton", "torch",
@@ -127,8 +128,8 @@ def test_strided_views(impl, device):
 
 def test_triton_chunk_loop(monkeypatch, device):
     # force many BLOCK_T trips (and a ragged last chunk) on a short row, then a long row of 2^17 + 3 tokens
-    monkeypatch.setattr(fl_mod, "BLOCK_T_INTERPRET", 64)
-    monkeypatch.setattr(fl_mod, "BLOCK_T_GPU", 64)
+    monkeypatch.setattr(common_mod, "BLOCK_T_INTERPRET", 64)  # read by _block_t, which lives in ops/_common.py
+    monkeypatch.setattr(common_mod, "BLOCK_T_GPU", 64)
     check_against_reference(make_inputs(3, 1000, torch.float32, device), "triton", "none")
     monkeypatch.undo()
     check_against_reference(make_inputs(2, 2**17 + 3, torch.bfloat16, device, mask="right"), "triton", "none")

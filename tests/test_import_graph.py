@@ -55,3 +55,26 @@ def test_no_import_cycles():
     for m in sorted(graph):
         if m not in state:
             visit(m)
+
+
+# The shared plumbing an op file may stand on (issue 25: ops are siblings, none takes another's pieces).
+SHARED = {"flowrl_kernels._utils", "flowrl_kernels._triton_compat", "flowrl_kernels.reference",
+          "flowrl_kernels.ops._common", "flowrl_kernels.ops.configs"}
+# vocab_parallel is not an op of its own: it is token_logprobs's path for a vocabulary sharded across ranks,
+# reached only through token_logprobs(process_group=) (and it imports nothing back: it calls the
+# registered torch.ops). That one edge is the op's own room, not a sibling's.
+PARTS = {"flowrl_kernels.ops.token_logprobs": {"flowrl_kernels.ops.vocab_parallel"}}
+
+
+def test_ops_are_siblings():
+    files = sorted(PKG.rglob("*.py"))
+    mods = {_module_name(f) for f in files}
+    ops = sorted(m for m in mods if m.startswith("flowrl_kernels.ops.") and m not in SHARED)
+    assert {"flowrl_kernels.ops.flowrl_loss", "flowrl_kernels.ops.sequence"} <= set(ops)
+    for shared in sorted(m for m in SHARED & mods if m.startswith("flowrl_kernels.ops.")):  # plumbing imports no op
+        imports = _imports(PKG / "ops" / (shared.split(".")[-1] + ".py"), mods)
+        assert not imports & set(ops), (shared, sorted(imports & set(ops)))
+    for op in ops:
+        path = PKG / "ops" / (op.split(".")[-1] + ".py")
+        bad = _imports(path, mods) - SHARED - PARTS.get(op, set())
+        assert not bad, f"{op} imports {sorted(bad)}: move what several ops share to ops/_common.py"

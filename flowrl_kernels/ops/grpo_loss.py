@@ -11,7 +11,7 @@ import torch
 
 from .. import reference
 from .._utils import COEF_MAX, check_real, check_same_device, check_same_shape, check_tensor, resolve_impl
-from .flowrl_loss import LOGP_DTYPES, check_logp_mask
+from ._common import LOGP_DTYPES, check_logp_mask
 
 REDUCTIONS = ("token_mean", "seq_mean", "sum", "none")
 

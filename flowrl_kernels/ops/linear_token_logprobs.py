@@ -44,7 +44,7 @@ import torch
 
 from .._triton_compat import tl, triton
 from . import configs
-from .token_logprobs import EXP2_FLOOR, K_LN2, K_LOG2E, M_INIT
+from ._common import EXP2_FLOOR, K_LN2, K_LOG2E, M_INIT
 from .._utils import (check_int, check_labels_in_range, check_same_device, check_temperature, check_tensor,
                      device_guard, empty, resolve_impl, triton_interpret)
 
@@ -468,7 +468,7 @@ def _triton_forward_op(h2: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 
 
 @_triton_forward_op.register_fake
-def _(h2, weight, bias, labels, inv_temp, ignore_index):
+def _triton_forward_fake(h2, weight, bias, labels, inv_temp, ignore_index):
     return tuple(h2.new_empty((h2.shape[0],), dtype=torch.float32) for _ in range(3))
 
 
@@ -483,7 +483,7 @@ def _triton_dlogits_op(h: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 
 
 @_triton_dlogits_op.register_fake
-def _(h, weight, bias, labels, lse, ent, g_logp, g_ent, inv_temp, ignore_index):
+def _triton_dlogits_fake(h, weight, bias, labels, lse, ent, g_logp, g_ent, inv_temp, ignore_index):
     return h.new_empty((h.shape[0], weight.shape[0]))
 
 

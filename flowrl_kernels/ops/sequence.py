@@ -3,8 +3,9 @@ group z-score. Spec: the functions of the same name in ``flowrl_kernels.referenc
 
 What is fused and what is not (and why):
 - ``importance_weights`` at level "sequence" / "sequence_mean" runs the FlowRL forward kernel
-  (flowrl_loss.py) on impl="triton" / "native": one read of logp, old_logp and mask instead of the
-  reference's ~10 ATen ops with three [B, T] temporaries. Forward only (the weights are detached).
+  (ops/_common.py, shared with flowrl_loss.py) on impl="triton" / "native": one read of logp, old_logp
+  and mask instead of the reference's ~10 ATen ops with three [B, T] temporaries. Forward only (the
+  weights are detached).
 - ``masked_mean`` and ``seq_log_ratio`` are plain torch for every impl: one masked reduction that needs
   its own backward; inside the loss the fused kernel already computes them, so a standalone kernel would
   only save a few launches for callers that use them alone (logging).
@@ -19,8 +20,8 @@ import torch
 
 from .. import reference
 from .._utils import COEF_MAX, check_int, check_real, check_same_device, check_same_shape, check_tensor, resolve_impl
-from .flowrl_loss import (IMPORTANCE_CODES, LOGP_DTYPES, MASK_DTYPES, _fast_impl, _fwd_impl, _fwd_op,
-                          check_logp_mask, normalize_clip)
+from ._common import (IMPORTANCE_CODES, LOGP_DTYPES, MASK_DTYPES, _fast_impl, _fwd_impl, _fwd_op, check_logp_mask,
+                      normalize_clip)
 
 LEVELS = ("sequence", "sequence_mean", "token")
 

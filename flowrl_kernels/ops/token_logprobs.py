@@ -24,6 +24,7 @@ import torch
 from .._triton_compat import tl, triton
 from .. import reference
 from . import configs
+from ._common import EXP2_FLOOR, K_LN2, K_LOG2E, LN2, LOG2E, M_INIT  # noqa: F401 (re-exported)
 from .._utils import (
     INDEX_DTYPES,
     check_int,
@@ -43,18 +44,7 @@ __all__ = ["token_logprobs"]
 # ----------------------------------------------------------------------------------------------------
 # constants
 # ----------------------------------------------------------------------------------------------------
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-K_LOG2E = tl.constexpr(LOG2E)  # the same constants, as globals a @triton.jit function may read
-K_LN2 = tl.constexpr(LN2)
-# The running max starts at a finite value (not -inf) far below any real logit, so a block of only -inf
-# logits gives m - m_new = 0 instead of -inf - (-inf) = NaN; 1e38 (not FLT_MAX) keeps (m - z) * log2(e)
-# finite.
-M_INIT = tl.constexpr(-1e38)
-# Exponent arguments (log2 domain, always <= 0) are clamped here: 2^-160 is below the smallest fp32
-# subnormal (2^-149), so exp2 still gives exactly 0, but d * coef stays finite and 0 * d = 0 instead of
-# 0 * (-inf) = NaN for -inf logits (masked vocab entries).
-EXP2_FLOOR = tl.constexpr(-160.0)
+# LOG2E, LN2, K_LOG2E, K_LN2, M_INIT, EXP2_FLOOR: ops/_common.py (shared with linear_token_logprobs)
 # CUDA grid.x limit; more rows are launched in chunks (row0 offset), so N up to 2^63 rows works.
 MAX_GRID = 2**31 - 1
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
