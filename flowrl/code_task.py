@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from flowrl import sandbox as sbx
-from flowrl.tasks import Problem, Task, pass_at_k  # noqa: F401 (re-exported)
+from flowrl.task_base import Problem, Task, pass_at_k  # noqa: F401 (re-exported)
 
 DEFAULT_PATH = Path(__file__).parent / "data" / "code_easy.jsonl"
 HARNESS = (Path(__file__).parent / "code_harness.py").read_text()

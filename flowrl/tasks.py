@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from flowrl.config import Config, ConfigError
+from flowrl.task_base import Problem, Task, pass_at_k  # noqa: F401 (the tasks' API, re-exported)
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
@@ -34,56 +35,6 @@ def extract_answer(response: str) -> Optional[str]:
     """Content of the last <answer>...</answer> in ``response`` (stripped), None if there is none."""
     found = _ANSWER_RE.findall(response)
     return found[-1].strip() if found else None
-
-
-@dataclass
-class Problem:
-    question: str
-    answer: str
-    entry: Any = None  # the dataset's own record (reasoning-gym scorers need it)
-
-
-class Task:
-    """Base: a list of problems, a system prompt and a worked example; subclasses define reward()."""
-
-    def __init__(self, problems: List[Problem], system_prompt: str, example: Problem, example_solution: str):
-        self.problems = problems
-        self.system_prompt = system_prompt
-        self.example = example
-        self.example_solution = example_solution
-
-    def __len__(self) -> int:
-        return len(self.problems)
-
-    def __getitem__(self, i: int) -> Problem:
-        return self.problems[i]
-
-    def messages(self, p: Problem) -> List[Dict[str, str]]:
-        msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return msgs + [
-            {"role": "user", "content": self.example.question},
-            {"role": "assistant", "content": self.example_solution},
-            {"role": "user", "content": p.question},
-        ]
-
-    def reward(self, p: Problem, response: str) -> float:
-        raise NotImplementedError
-
-    def score(self, problems: List[Problem], responses: List[str]) -> Tuple[List[float], Dict[str, float]]:
-        """Rewards of responses[i] to problems[i], and task metrics (means over the batch) for metrics.jsonl."""
-        return [self.reward(p, r) for p, r in zip(problems, responses)], {}
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}.")
-    if n - c < k:
-        return 1.0
-    prod = 1.0
-    for i in range(n - c + 1, n + 1):  # C(n-c, k) / C(n, k) as a stable product
-        prod *= 1.0 - k / i
-    return 1.0 - prod
 
 
 def _worked_solution(answer: str, expression: Optional[str]) -> str:

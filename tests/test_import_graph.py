@@ -1,60 +1,63 @@
-"""The package has no import cycle (issue 14: ops/token_logprobs.py and ops/vocab_parallel.py imported
-each other, one of them lazily). Read from the source with ast: every ``from . import`` / ``import
-flowrl_kernels...`` at any depth (a lazy import inside a function closes a cycle just the same)."""
-import ast
+"""The house as drawn by scripts/house.py from the source (ast; a lazy import inside a function ties two
+modules just the same): no import cycle in flowrl_kernels/ or flowrl/ (issue 14: ops/token_logprobs.py and
+ops/vocab_parallel.py imported each other; issue 25: tasks.py and code_task.py), no import running back
+up through a package's __init__, the ops as siblings on at most two floors, no room over ~600 lines
+without a reason at its top. Each finder is also shown a small tree where it must find something."""
+import importlib.util
 import pathlib
 
-PKG = pathlib.Path(__file__).resolve().parents[1] / "flowrl_kernels"
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PKG = ROOT / "flowrl_kernels"
+_spec = importlib.util.spec_from_file_location("house", ROOT / "scripts" / "house.py")
+house = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(house)
+_module_name, _imports = house.module_name, house.imports
 
 
-def _module_name(path: pathlib.Path) -> str:
-    parts = path.relative_to(PKG.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+@pytest.mark.parametrize("package", house.PACKAGES)
+def test_no_import_cycles(package):
+    graph = house.graph(package)
+    if package == "flowrl_kernels":  # the parser sees imports (lazy ones included)
+        assert "flowrl_kernels.ops.vocab_parallel" in graph["flowrl_kernels.ops.token_logprobs"]
+    else:
+        assert "flowrl.code_task" in graph["flowrl.tasks"]  # imported lazily, inside a function
+    cycle = house.find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def _imports(path: pathlib.Path, mods: set) -> set:
-    name = _module_name(path)
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        targets = []
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
-            targets = [base] + [f"{base}.{a.name}" for a in node.names]
-        for t in targets:
-            while t and t not in mods:  # the deepest package module the import names
-                t = t.rpartition(".")[0]
-            if t and t != name and not name.startswith(t + "."):  # importing a parent package is not a cycle
-                out.add(t)
-    return out
+def test_cycle_finder_finds_one(tmp_path):
+    pkg = tmp_path / "flowrl"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from flowrl import b\n")
+    (pkg / "b.py").write_text("def f():\n    from flowrl.a import x\n")
+    assert house.find_cycle(house.graph("flowrl", tmp_path)) == ["flowrl.a", "flowrl.b", "flowrl.a"]
 
 
-def test_no_import_cycles():
-    files = sorted(PKG.rglob("*.py"))
-    mods = {_module_name(f) for f in files}
-    graph = {_module_name(f): _imports(f, mods) for f in files}
-    assert "flowrl_kernels.ops.vocab_parallel" in graph["flowrl_kernels.ops.token_logprobs"]  # the parser sees imports
+@pytest.mark.parametrize("package", house.PACKAGES)
+def test_no_import_runs_back_up(package):
+    assert house.runs_back_up(package) == []
 
-    state, stack = {}, []
 
-    def visit(m):
-        state[m] = "open"
-        stack.append(m)
-        for n in sorted(graph.get(m, ())):
-            if state.get(n) == "open":
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
-            if n not in state:
-                visit(n)
-        stack.pop()
-        state[m] = "done"
+def test_back_up_finder_finds_them(tmp_path):
+    pkg = tmp_path / "flowrl_kernels"
+    (pkg / "ops").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from .ops.a import f\n")
+    (pkg / "ops" / "__init__.py").write_text("")
+    (pkg / "ops" / "a.py").write_text("from .. import reference\nfrom flowrl_kernels import f\n")
+    (pkg / "ops" / "b.py").write_text("import flowrl_kernels as fk\nimport flowrl.train\n")
+    (pkg / "reference.py").write_text("")
+    assert sorted(house.runs_back_up("flowrl_kernels", tmp_path)) == [
+        "flowrl_kernels.ops.a: from flowrl_kernels import f", "flowrl_kernels.ops.b: import flowrl_kernels",
+        "flowrl_kernels.ops.b: imports the trainer (flowrl.train)"]
 
-    for m in sorted(graph):
-        if m not in state:
-            visit(m)
+
+@pytest.mark.parametrize("package", house.PACKAGES)
+def test_no_long_room_without_a_reason(package):
+    """Issue 25: no source file of the package or the trainer over ~600 lines without a reason at its top."""
+    assert house.long_rooms(package) == [], f"split them, or say at the top: {house.REASON!r}"
 
 
 # The shared plumbing an op file may stand on (issue 25: ops are siblings, none takes another's pieces).
@@ -78,3 +81,11 @@ def test_ops_are_siblings():
         path = PKG / "ops" / (op.split(".")[-1] + ".py")
         bad = _imports(path, mods) - SHARED - PARTS.get(op, set())
         assert not bad, f"{op} imports {sorted(bad)}: move what several ops share to ops/_common.py"
+
+
+def test_ops_on_two_floors():
+    """Counting op modules only (the shared plumbing is the ground), no op stands on more than one other."""
+    mods = set(house.modules("flowrl_kernels"))
+    ops = {m for m in mods if m.startswith("flowrl_kernels.ops.") and m not in SHARED}
+    floors = house.floors(house.graph("flowrl_kernels"), among=ops)
+    assert max(floors.values()) <= 1, floors

@@ -35,6 +35,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..ops.token_logprobs import token_logprobs
+
 __all__ = ["PatchError", "Target", "Integration", "why_not_ours", "note_path", "entropy", "entropy_rounded_once",
            "HALF", "NO_IGNORE"]
 
@@ -69,8 +71,6 @@ def why_not_ours(logits: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """H(softmax(logits)) per row from ``token_logprobs`` (fp32, or fp64 for fp64 logits); the label is a
     dummy 0 (an int64 per row is all this adds)."""
-    from flowrl_kernels import token_logprobs
-
     labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
     return token_logprobs(logits, labels, return_entropy=True)[1]
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 
-import flowrl_kernels as _fk
+from ..ops.token_logprobs import token_logprobs
 
 from ._patching import HALF, NO_IGNORE, Integration, PatchError, Target, entropy_rounded_once, note_path, why_not_ours
 
@@ -72,9 +72,9 @@ def _build_log_probs_from_logits(original):
             logits.div_(temperature)  # OpenRLHF's contract: the caller's logits are scaled in place
         if _flash_ce_importable():
             note_path(_LOG, name, "flowrl_kernels.token_logprobs, float32 out, -100 ignored (flash-attn path)")
-            return _fk.token_logprobs(logits, labels, ignore_index=-100).float()
+            return token_logprobs(logits, labels, ignore_index=-100).float()
         note_path(_LOG, name, f"flowrl_kernels.token_logprobs, {logits.dtype} out")
-        return _fk.token_logprobs(logits, labels, ignore_index=NO_IGNORE)
+        return token_logprobs(logits, labels, ignore_index=NO_IGNORE)
 
     return log_probs_from_logits
 

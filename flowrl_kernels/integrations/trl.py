@@ -74,8 +74,8 @@ import logging
 
 import torch
 
-import flowrl_kernels as _fk
-
+from ..ops.linear_token_logprobs import linear_token_logprobs
+from ..ops.token_logprobs import token_logprobs
 from .._utils import TEMPERATURE_RANGE
 from ._patching import HALF, NO_IGNORE, Integration, PatchError, Target, entropy, note_path, why_not_ours
 
@@ -143,7 +143,7 @@ def _build_selective_log_softmax(original):
             note_path(_LOG, name, f"TRL's own code ({why})")
             return original(logits, index, temperature=temperature, row_mask=row_mask)
         _ours(name, kernel_path, logits)
-        return _fk.token_logprobs(logits, _labels(index, row_mask), temperature=float(temperature),
+        return token_logprobs(logits, _labels(index, row_mask), temperature=float(temperature),
                                   ignore_index=NO_IGNORE)
 
     return selective_log_softmax
@@ -180,7 +180,7 @@ def _build_selective_log_softmax_and_entropy(original):
             return original(logits, index, entropy_requires_grad=entropy_requires_grad,
                             temperature=temperature, row_mask=row_mask)
         _ours(name, kernel_path, logits)
-        logp, ent = _fk.token_logprobs(logits, _labels(index, row_mask), temperature=float(temperature),
+        logp, ent = token_logprobs(logits, _labels(index, row_mask), temperature=float(temperature),
                                        return_entropy=True, ignore_index=NO_IGNORE)
         return logp, (ent if entropy_requires_grad else ent.detach())
 
@@ -231,7 +231,7 @@ def _build_chunked_logprob(original):
         if bias is not None and torch.promote_types(bias.dtype, dt) != dt:
             bias = bias.to(dt)  # our op reads the bias in fp32 whatever its dtype; only a wider one is cast
         with torch.autocast(device, enabled=False):
-            out = _fk.linear_token_logprobs(hidden, weight, targets, bias=bias,
+            out = linear_token_logprobs(hidden, weight, targets, bias=bias,
                                             temperature=float(temperature) / float(logit_scale),
                                             return_entropy="entropy" in outputs)
         logp, ent = out if isinstance(out, tuple) else (out, None)

@@ -50,7 +50,7 @@ import os
 
 import torch
 
-import flowrl_kernels as _fk
+from ..ops.token_logprobs import token_logprobs
 
 from ._patching import (HALF, NO_IGNORE, Integration, PatchError, Target, entropy, entropy_rounded_once, note_path,
                         why_not_ours)
@@ -81,9 +81,9 @@ def _build_logprobs_from_logits(original):
             return original(logits, labels, inplace_backward=inplace_backward)
         if flash:
             note_path(_LOG, name, "flowrl_kernels.token_logprobs, float32 out, -100 ignored (verl's flash-attn path)")
-            return _fk.token_logprobs(logits, labels, ignore_index=-100).float()
+            return token_logprobs(logits, labels, ignore_index=-100).float()
         note_path(_LOG, name, f"flowrl_kernels.token_logprobs, {logits.dtype} out (verl's torch path)")
-        return _fk.token_logprobs(logits, labels, ignore_index=NO_IGNORE)
+        return token_logprobs(logits, labels, ignore_index=NO_IGNORE)
 
     return logprobs_from_logits
 
