@@ -230,7 +230,7 @@ def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) 
     record.update(reward_mean=float(rewards.mean()), reward_sq=float((rewards ** 2).mean()),
                   accuracy=float((rewards >= 1.0).float().mean()),
                   response_len=float(mask.sum(-1).float().mean()),
-                  zero_std_groups=float((groups.max(-1).values == groups.min(-1).values).float().mean()))
+                  zero_std_groups=algorithms.zero_std_fraction(groups))
     gap = {} if batch.sampler_logp is None else rollout.logp_mismatch(
         batch.sampler_logp, trainer_old if trainer_old is not None else torch.cat(up["first_logp"]), mask)
     record.update({k: v for k, v in gap.items() if k.endswith("_mean")})

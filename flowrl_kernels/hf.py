@@ -2,6 +2,7 @@
 
     logp = response_logprobs(model, input_ids, attention_mask, response_mask, temperature=1.0)
     logp, ent = response_logprobs(..., return_entropy=True)
+    logp, hidden = response_logprobs(..., return_hidden=True)   # + the [B, T, H] input of the lm_head
 
 How it works (and why this way). The model's own top-level ``forward`` runs, unchanged, with the
 output-embedding module (``model.get_output_embeddings()``, the lm_head) temporarily given a forward

@@ -297,6 +297,14 @@ def test_micro_batches_add_up(name, reduction):
             torch.testing.assert_close(a, b)
 
 
+def test_zero_std_fraction():
+    # 4 groups of 3: all-correct, mixed, all-wrong, all equal partial credit -> 3 of 4 carry no GRPO signal
+    groups = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
+    assert algorithms.zero_std_fraction(groups) == 0.75
+    assert algorithms.zero_std_fraction(groups[1:2]) == 0.0
+    assert (algorithms.normalized_rewards(groups.reshape(-1), 3).view(4, 3)[[0, 2, 3]] == 0).all()
+
+
 def test_fused_logprob_path_matches_logits_path():
     import flowrl_kernels
     if not hasattr(flowrl_kernels, "linear_token_logprobs"):
