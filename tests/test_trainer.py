@@ -326,6 +326,34 @@ def test_fused_logprob_path_matches_logits_path():
         torch.testing.assert_close(p.grad, ga[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
+def test_train_step_old_positional_call_still_works(tmp_path):
+    """train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics), the call before
+    train.Trainer: a DeprecationWarning naming the caller's line, and the same step (record and weights)
+    as train_step(trainer, step) from the same start."""
+    from flowrl.metrics import Metrics
+    cfg = config.load(["--config", TINY, f"--run.out_dir={tmp_path}", "--rollout.prompts_per_step=2",
+                       "--rollout.max_new_tokens=6", "--model.tiny_hidden=32"])
+    env = distributed.Env(0, 0, 1, torch.device("cpu"), None)
+    timing = ("step_time", "tokens_per_s", "peak_memory_mb", "time_generate", "time_logprobs", "time_update")
+    runs = []
+    for old_call in (False, True):
+        policy, ref, tok = model.build(cfg, env)
+        opt, sched = train.build_optimizer(policy, cfg)
+        sampler, task, m = rollout.HFRollout(tok, env.device), tasks.build(cfg, "train"), Metrics(tmp_path, False, 1)
+        torch.manual_seed(1)
+        if old_call:
+            with pytest.warns(DeprecationWarning, match=r"train_step\(step, cfg, env") as w:
+                rec = train.train_step(0, cfg, env, policy, ref, sampler, task, opt, sched, m)
+            assert w[0].filename == __file__
+        else:
+            rec = train.train_step(train.Trainer(cfg=cfg, env=env, policy=policy, sampler=sampler, metrics=m, ref=ref,
+                                                 opt=opt, sched=sched, task=task), 0)
+        runs.append(({k: v for k, v in rec.items() if k not in timing}, [p.detach() for p in policy.parameters()]))
+    assert runs[0][0] == runs[1][0] and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    with pytest.raises(ValueError, match="Trainer.opt, Trainer.sched, Trainer.task"):
+        train.train_step(train.Trainer(cfg=cfg, env=env, policy=policy, sampler=sampler, metrics=m), 0)
+
+
 def test_fused_path_requires_the_op(monkeypatch):
     import flowrl_kernels
     monkeypatch.delattr(flowrl_kernels, "linear_token_logprobs", raising=False)
