@@ -47,11 +47,12 @@ def test_train_step(benchmark, prov, tmp_path):
         sampler = rollout.build_sampler(cfg, env, tok, model.resolve_path(cfg, env))
         task = tasks.build(cfg, "train")
         metrics = Metrics(cfg.run_dir, env.is_main, 10**6)
+        trainer = train.Trainer(cfg=cfg, env=env, policy=policy, sampler=sampler, metrics=metrics, ref=ref, opt=opt,
+                                sched=sched, task=task)
         state = {"step": 0, "record": {}}
 
         def step():
-            state["record"] = train.train_step(state["step"], cfg, env, policy, ref, sampler, task, opt, sched,
-                                               metrics)
+            state["record"] = train.train_step(trainer, state["step"])
             state["step"] += 1
 
         benchmark.group = "train_step tiny"

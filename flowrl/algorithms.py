@@ -26,6 +26,13 @@ def normalized_rewards(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return flowrl_kernels.group_normalize(rewards, group_size)
 
 
+def zero_std_fraction(groups: torch.Tensor) -> float:
+    """The fraction of groups whose rewards are all equal: groups [P, G] (one row per prompt, its G
+    rewards) -> a Python float in [0, 1] (one host read). Such a group has r_hat = 0 everywhere, so GRPO
+    learns nothing from it (FlowRL still fits log Z and the reference term); logged as ``zero_std_groups``."""
+    return float((groups.max(-1).values == groups.min(-1).values).float().mean())
+
+
 def needs_reference(algo: Algo) -> bool:
     return algo.name == "flowrl" or algo.kl_coef > 0
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 import flowrl_kernels
 from flowrl_kernels import prefer_impl
+from flowrl_kernels.hf import left_padded_position_ids, response_logprobs
 from flowrl import distributed
 from flowrl.config import DEFAULT_MODEL, TINY_MODELS, Config
 
@@ -230,27 +231,20 @@ class Policy(nn.Module):
 
     def _fused_logprobs(self, input_ids, attention_mask, labels, prompt_len, temperature, entropy):
         """flowrl_kernels.hf: the LM's own forward with its lm_head computing log-probs from the final
-        hidden states (never [N, V] logits). The head's input (those hidden states) is captured by a
-        pre-hook for the log Z pooling."""
-        from flowrl_kernels.hf import response_logprobs
-        captured = []
-        hook = self.lm.get_output_embeddings().register_forward_pre_hook(lambda m, args: captured.append(args[0]))
-        try:
-            resp = torch.cat([torch.zeros_like(input_ids[:, :prompt_len]), (labels != IGNORE_INDEX).long()], 1)
-            with prefer_impl(self.kernel_impl):  # a preference: an op without it runs its default (logged once)
-                res = response_logprobs(self.lm, input_ids, attention_mask, resp, temperature=temperature,
-                                        return_entropy=entropy)
-        finally:
-            hook.remove()
+        hidden states (never [N, V] logits); those hidden states (the head's input, ``return_hidden``)
+        come back too, for the log Z pooling."""
+        resp = torch.cat([torch.zeros_like(input_ids[:, :prompt_len]), (labels != IGNORE_INDEX).long()], 1)
+        with prefer_impl(self.kernel_impl):  # a preference: an op without it runs its default (logged once)
+            *res, hidden = response_logprobs(self.lm, input_ids, attention_mask, resp, temperature=temperature,
+                                             return_entropy=entropy, return_hidden=True)
         # [B, P+R] aligned with input_ids -> the [B, R] response columns; cloned (B*R floats) because
         # FSDP2 warns on view outputs: an in-place op on one would skip its pre-backward hook
-        res = res if entropy else (res,)
         out = dict(zip(("logp", "entropy"), (r[:, prompt_len:].clone() for r in res)))
-        return out, captured[0]
+        return out, hidden
 
     def _logits_logprobs(self, input_ids, attention_mask, labels, prompt_len, temperature, entropy):
         """The body's hidden states -> lm_head on the response rows only -> token_logprobs."""
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = left_padded_position_ids(attention_mask)
         base = getattr(self.lm, self.lm.base_model_prefix)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       use_cache=False).last_hidden_state  # [B, P+R, H], after the final norm

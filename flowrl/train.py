@@ -18,8 +18,10 @@ import numbers
 import shutil
 import sys
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 if __package__ in (None, ""):  # `python flowrl/train.py`: import the package, not its sibling files
     _here = Path(__file__).resolve().parent
@@ -29,6 +31,75 @@ import torch
 
 from flowrl import algorithms, checkpoint, config, distributed, diversity, faults, model, rollout, tasks
 from flowrl.metrics import Metrics, peak_memory_mb, reset_peak_memory
+
+
+@dataclass
+class Trainer:
+    """What a training step and an evaluation work with, built once by main(): ``train_step(trainer, step)``,
+    ``evaluate(trainer, step)``. Plain references to objects that live for the whole run (nothing is
+    copied). An evaluation alone needs cfg, env, policy, sampler, metrics and eval_task."""
+    cfg: config.Config
+    """The resolved run config (flowrl/config.py)."""
+    env: distributed.Env
+    """This process: rank, world size, device, device mesh (distributed.init)."""
+    policy: model.Policy
+    """The policy being trained: model.Policy (LM + log Z head), FSDP2-sharded (model.build)."""
+    sampler: Any
+    """Draws the responses: rollout.HFRollout or rollout.VLLMRollout (rollout.build_sampler)."""
+    metrics: Metrics
+    """Writes metrics.jsonl, eval.jsonl and samples.jsonl of the run directory (flowrl/metrics.py)."""
+    ref: Optional[model.Policy] = None
+    """The frozen reference policy (model.build), None when the algorithm needs none (GRPO, kl_coef 0)."""
+    opt: Optional[torch.optim.Optimizer] = None
+    """AdamW over the policy (build_optimizer); train_step needs it."""
+    sched: Optional[torch.optim.lr_scheduler.LRScheduler] = None
+    """Its learning-rate schedule (torch LambdaLR, build_optimizer); train_step needs it."""
+    task: Optional[tasks.Task] = None
+    """The training prompts and their reward (tasks.build(cfg, "train")); train_step needs it."""
+    eval_task: Optional[tasks.Task] = None
+    """The held-out prompts (tasks.build(cfg, "eval")); evaluate needs it."""
+
+
+# the positional signatures before issue 25 (still accepted, with a DeprecationWarning)
+_LEGACY_ARGS = {"train_step": ("step", "cfg", "env", "policy", "ref", "sampler", "task", "opt", "sched", "metrics"),
+                "evaluate": ("step", "cfg", "env", "policy", "sampler", "eval_task", "metrics")}
+
+
+def _legacy_call(name: str, args: tuple, kwargs: dict, stacklevel: int) -> Tuple[Trainer, int]:
+    """(trainer, step) from an old-style call ``train_step(step, cfg, env, policy, ...)`` /
+    ``evaluate(step, cfg, env, policy, sampler, task, metrics)``, with a DeprecationWarning."""
+    names = _LEGACY_ARGS[name]
+    if name == "evaluate" and "task" in kwargs:
+        kwargs = {("eval_task" if k == "task" else k): v for k, v in kwargs.items()}
+    given = dict(zip(names, args))
+    if len(args) > len(names) or set(kwargs) - set(names) or set(kwargs) & set(given):
+        raise TypeError(f"{name}{tuple(names)}: got {len(args)} positional arguments and {sorted(kwargs)}.")
+    given.update(kwargs)
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise TypeError(f"{name}() missing {missing}.")
+    warnings.warn(f"{name}({', '.join(names)}) is deprecated: build a flowrl.train.Trainer once and call "
+                  f"{name}(trainer, step).", DeprecationWarning, stacklevel=stacklevel)
+    step = given.pop("step")
+    return Trainer(**given), step
+
+
+def _trainer_and_step(name: str, trainer, step, legacy: tuple, legacy_kw: dict, depth: int) -> Tuple[Trainer, int]:
+    """train_step's / evaluate's (trainer, step), also from the old call; ``depth``: frames from there to its
+    caller (1, 2 through evaluate's torch.no_grad wrapper), so that the warning names the caller's line."""
+    if isinstance(trainer, numbers.Integral):  # the old call: the step came first
+        return _legacy_call(name, (trainer, step) + legacy, legacy_kw, stacklevel=3 + depth)
+    if not isinstance(trainer, Trainer) or legacy or legacy_kw:
+        raise TypeError(f"{name}(trainer, step) takes a flowrl.train.Trainer and the step (an int); got "
+                        f"{type(trainer).__name__} and {len(legacy) + len(legacy_kw)} more argument(s).")
+    return trainer, step
+
+
+def _require(name: str, trainer: Trainer, fields) -> None:
+    missing = [f for f in fields if getattr(trainer, f) is None]
+    if missing:
+        raise ValueError(f"{name} needs Trainer.{', Trainer.'.join(missing)}, which is None; set it when building "
+                         "the Trainer (main() shows how).")
 
 
 def build_optimizer(policy, cfg: config.Config):
@@ -203,7 +274,16 @@ def update_means(up: dict, device) -> dict:
     return {**{k: v / up["n_micro"] for k, v in zip(keys, flat)}, "grad_norm": sum(norms) / len(norms)}
 
 
-def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) -> dict:
+def train_step(trainer: Trainer, step: int, *legacy, **legacy_kw) -> dict:
+    """Training step ``step`` (0-based): sample trainer.task's prompts of this step, score them, update the
+    policy (update_policy), log one record to metrics.jsonl and return it. The old positional call
+    ``train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics)`` still works
+    (DeprecationWarning)."""
+    trainer, step = _trainer_and_step("train_step", trainer, step, legacy, legacy_kw, depth=1)
+    _require("train_step", trainer, ("opt", "sched", "task"))
+    t = trainer
+    cfg, env, policy, ref, sampler, task, opt, sched, metrics = (t.cfg, t.env, t.policy, t.ref, t.sampler, t.task,
+                                                                 t.opt, t.sched, t.metrics)
     # host syncs: one per phase boundary (the clocks must see the GPU work of their phase), one per
     # optimizer step (skip or not), one for the token counts and one for the statistics; none per micro-batch
     reset_peak_memory(env.device)  # peak_memory_mb is this step's peak
@@ -230,7 +310,7 @@ def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) 
     record.update(reward_mean=float(rewards.mean()), reward_sq=float((rewards ** 2).mean()),
                   accuracy=float((rewards >= 1.0).float().mean()),
                   response_len=float(mask.sum(-1).float().mean()),
-                  zero_std_groups=float((groups.max(-1).values == groups.min(-1).values).float().mean()))
+                  zero_std_groups=algorithms.zero_std_fraction(groups))
     gap = {} if batch.sampler_logp is None else rollout.logp_mismatch(
         batch.sampler_logp, trainer_old if trainer_old is not None else torch.cat(up["first_logp"]), mask)
     record.update({k: v for k, v in gap.items() if k.endswith("_mean")})
@@ -253,9 +333,15 @@ def train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics) 
 
 
 @torch.no_grad()
-def evaluate(step, cfg, env, policy, sampler, task, metrics) -> dict:
-    """On held-out prompts, k samples each: Avg@k accuracy, pass@k, distinct correct answers per solved
-    prompt and answer entropy (flowrl/diversity.py), mean reward, <answer> format rate, response length."""
+def evaluate(trainer: Trainer, step: int, *legacy, **legacy_kw) -> dict:
+    """On trainer.eval_task's held-out prompts, k samples each: Avg@k accuracy, pass@k, distinct correct
+    answers per solved prompt and answer entropy (flowrl/diversity.py), mean reward, <answer> format rate,
+    response length; logged to eval.jsonl as evaluation after training step ``step`` and returned. The old
+    call ``evaluate(step, cfg, env, policy, sampler, task, metrics)`` still works (DeprecationWarning)."""
+    trainer, step = _trainer_and_step("evaluate", trainer, step, legacy, legacy_kw, depth=2)
+    _require("evaluate", trainer, ("eval_task",))
+    t = trainer
+    cfg, env, policy, sampler, task, metrics = t.cfg, t.env, t.policy, t.sampler, t.eval_task, t.metrics
     k, per_rank = cfg.eval.samples, cfg.eval.prompts // env.world_size
     chunk = max(cfg.rollout.prompts_per_step // env.world_size, 1)
     mine = [task[env.rank * per_rank + j] for j in range(per_rank)]
@@ -349,11 +435,13 @@ def main(argv=None) -> None:
             if env.is_main:
                 print(f"[flowrl] resumed from {resume} (step {state['step']})", flush=True)
         metrics = Metrics(cfg.run_dir, env.is_main, cfg.train.steps, resume_step=state["step"] if resume else None)
+        trainer = Trainer(cfg=cfg, env=env, policy=policy, sampler=sampler, metrics=metrics, ref=ref, opt=opt,
+                          sched=sched, task=train_task, eval_task=eval_task)
         evals, steps = [], cfg.train.steps
         if cfg.eval.prompts and state["step"] == 0:
-            evals.append(evaluate(0, cfg, env, policy, sampler, eval_task, metrics))
+            evals.append(evaluate(trainer, 0))
         for step in range(state["step"] + 1, steps + 1):
-            record = train_step(step - 1, cfg, env, policy, ref, sampler, train_task, opt, sched, metrics)
+            record = train_step(trainer, step - 1)
             state["consecutive_skips"] = state["consecutive_skips"] + 1 if record["skipped"] else 0
             state["skipped_total"] += record["skipped"]
             if state["consecutive_skips"] >= cfg.train.max_consecutive_skips:
@@ -362,7 +450,7 @@ def main(argv=None) -> None:
                     f"gradient norm; their updates were skipped and the run stops here. Lower optim.lr or check "
                     "the data.")
             if cfg.eval.prompts and due(step, cfg.eval.every, steps):
-                evals.append(evaluate(step, cfg, env, policy, sampler, eval_task, metrics))
+                evals.append(evaluate(trainer, step))
             if cfg.checkpoint.every and due(step, cfg.checkpoint.every, steps) and not record["skipped"]:
                 state["step"] = step
                 checkpoint.save(cfg.run_dir, step, policy, opt, sched, state, env, cfg.checkpoint.keep)

@@ -2,6 +2,7 @@
 
     logp = response_logprobs(model, input_ids, attention_mask, response_mask, temperature=1.0)
     logp, ent = response_logprobs(..., return_entropy=True)
+    logp, hidden = response_logprobs(..., return_hidden=True)   # + the [B, T, H] input of the lm_head
 
 How it works (and why this way). The model's own top-level ``forward`` runs, unchanged, with the
 output-embedding module (``model.get_output_embeddings()``, the lm_head) temporarily given a forward
@@ -38,7 +39,7 @@ token t. Memory: the kernel never allocates [N, V]; the head's output is B * T *
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -89,9 +90,77 @@ def _check_head(head) -> None:
         )
 
 
+def _scored_rows(response_mask: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Which hidden-state rows the head scores: (next_sel [B, T-1] bool, src [n] int64).
+
+    Row t-1 of the hidden states predicts token t, so next_sel[b, t] says whether token t + 1 of row b
+    is a response token (and not padding); position 0 has no context and is never scored. src holds
+    the row of the [B * T, H] hidden states for each selected position: (b, t), flat index
+    f = b * (T-1) + t of next_sel, is row b * T + t = f + f // (T-1); its target token is entry src + 1
+    of the flat input_ids. The ``nonzero`` is the call's one host sync.
+    """
+    T = response_mask.shape[1]
+    scored = (response_mask != 0) & (attention_mask != 0)
+    scored[:, 0] = False  # no context before the first position
+    next_sel = scored[:, 1:]
+    flat = next_sel.reshape(-1).nonzero().squeeze(1)
+    return next_sel, (flat + flat // (T - 1) if T > 1 else flat)
+
+
+def _gather_rows(hidden: torch.Tensor, input_ids: torch.Tensor, src: torch.Tensor
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rows [n, H], labels [n]): the scored rows of hidden [B, T, H] and the tokens they predict (one
+    [n, H] copy). With no scored row, row 0 and token 0 stand in (n = 1), so the graph still reaches
+    the weight: a step where one rank has no response token must still produce a (zero) gradient for
+    every parameter, or FSDP ranks disagree; _pack_columns zeroes their result."""
+    H = hidden.shape[-1]
+    if src.numel() == 0:
+        return hidden.reshape(-1, H)[:1], input_ids.reshape(-1)[:1]
+    return hidden.reshape(-1, H).index_select(0, src), input_ids.reshape(-1).index_select(0, src + 1)
+
+
+def _pack_columns(cols, next_sel: torch.Tensor, n: int, scale: float) -> torch.Tensor:
+    """The head's output [B, T, C + 2] from the per-row results ``cols`` (each [n]): column c of
+    position t is cols[c] scattered to the scored positions (0 elsewhere, 0 at t = 0), then two probe
+    columns of 1.0 and 2.0; all divided by ``scale``, which the model multiplies back after the head.
+    Allocates the [B, T, C + 2] output and two [B, T] temporaries per column."""
+    B = next_sel.shape[0]
+    packed = []
+    for c in cols:
+        if n == 0:  # the stand-in row of _gather_rows: a zero that keeps the graph connected
+            c = c * 0
+            full = c.new_zeros(next_sel.shape) + c.sum()
+        else:
+            full = c.new_zeros(next_sel.shape).masked_scatter(next_sel, c)
+        packed.append(torch.cat([full.new_zeros((B, 1)), full], dim=1))
+    ref = packed[0]
+    # probes: any elementwise post-head transform shows up as f(1), f(2) != scale * (1, 2)
+    packed += [torch.ones_like(ref).detach(), torch.full_like(ref, 2.0).detach()]
+    return torch.stack(packed, dim=-1) / scale
+
+
+def _head_params_for(head, hidden: torch.Tensor):
+    """(hidden, weight, bias) as nn.Linear would compute with them here: cast to the autocast dtype
+    when autocast is on for hidden's device (a [B, T, H] and a [V, H] copy then), else unchanged."""
+    weight, bias = head.weight, head.bias
+    # outside the forward FSDP2 parameters are sharded DTensors; inside it they are plain unsharded tensors
+    if type(weight).__name__ == "DTensor":
+        raise ValueError(
+            "the lm_head weight is a DTensor inside the forward (tensor parallel?); response_logprobs needs the "
+            "full [V, H] weight there. FSDP2 alone is fine (it unshards the weight for the forward)."
+        )
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):  # what nn.Linear would compute in
+        dt = torch.get_autocast_dtype(dev)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+    return hidden, weight, bias
+
+
 def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       response_mask: torch.Tensor, *, temperature: float = 1.0,
-                      return_entropy: bool = False, position_ids: Optional[torch.Tensor] = None,
+                      return_entropy: bool = False, return_hidden: bool = False,
+                      position_ids: Optional[torch.Tensor] = None,
                       impl: Optional[str] = None, **model_kwargs):
     """log pi(token_t | <t) (and entropy) at the response tokens, through the model's final hidden states.
 
@@ -102,7 +171,10 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     ``model_kwargs`` go to ``model(...)`` (not ``labels``).
 
     Returns logp [B, T] (and entropy [B, T] if ``return_entropy``); see the module docstring for the
-    layout. Differentiable w.r.t. the model's parameters. One host sync per call (the number of
+    layout. ``return_hidden=True`` appends hidden [B, T, H]: the final hidden states exactly as the
+    model passed them to its lm_head (the model's own tensor, same dtype, before any autocast cast; no
+    copy, nothing allocated), e.g. to pool them for a value or log Z head; gradients through it reach
+    the backbone. Differentiable w.r.t. the model's parameters. One host sync per call (the number of
     response tokens, to compact the rows the kernel sees), plus one on a model's first call (the
     check that nothing transforms the logits after the head).
     """
@@ -129,16 +201,8 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         position_ids = left_padded_position_ids(attention_mask)
 
     B, T = input_ids.shape
-    # row t-1 of the hidden states predicts token t: select the rows whose NEXT token is a response token
-    scored = (response_mask != 0) & (attention_mask != 0)
-    scored[:, 0] = False  # no context before the first position
-    next_sel = scored[:, 1:]  # [B, T-1]
-    # the call's one host sync: which positions are scored. Position (b, t) of [B, T-1] is row
-    # b * T + t of the [B * T, H] hidden states (index f = b * (T-1) + t -> f + f // (T-1)), and its
-    # target token sits one further in input_ids.
-    flat = next_sel.reshape(-1).nonzero().squeeze(1)
-    src = flat + flat // (T - 1) if T > 1 else flat
-    calls = []
+    next_sel, src = _scored_rows(response_mask, attention_mask)
+    seen = []  # the hidden states of each call of the head (exactly one is expected)
 
     def fused_head_forward(hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[:2] != (B, T):
@@ -146,43 +210,13 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
                 f"the lm_head was called with hidden states of shape {tuple(hidden.shape)}, expected [{B}, {T}, H]: "
                 "the model slices positions before its head (logits_to_keep?) and cannot be scored this way."
             )
-        calls.append(1)
-        weight, bias = head.weight, head.bias
-        # outside the forward FSDP2 parameters are sharded DTensors; inside it they are plain unsharded tensors
-        if type(weight).__name__ == "DTensor":
-            raise ValueError(
-                "the lm_head weight is a DTensor inside the forward (tensor parallel?); response_logprobs needs the "
-                "full [V, H] weight there. FSDP2 alone is fine (it unshards the weight for the forward)."
-            )
-        dev = hidden.device.type
-        if torch.is_autocast_enabled(dev):  # what nn.Linear would compute in
-            dt = torch.get_autocast_dtype(dev)
-            hidden, weight = hidden.to(dt), weight.to(dt)
-            bias = None if bias is None else bias.to(dt)
-        H = hidden.shape[-1]
-        n = src.numel()
-        rows = hidden.reshape(B * T, H).index_select(0, src)  # [n, H]
-        labels = input_ids.reshape(-1).index_select(0, src + 1)
-        if n == 0:
-            # keep the graph connected to the weight with a zero contribution: a step where one rank has no
-            # response token must still produce a (zero) gradient for every parameter, or FSDP ranks disagree
-            rows, labels = hidden.reshape(-1, H)[:1], input_ids.reshape(-1)[:1]
-        with torch.autocast(dev, enabled=False):
+        seen.append(hidden)
+        hidden, weight, bias = _head_params_for(head, hidden)
+        rows, labels = _gather_rows(hidden, input_ids, src)
+        with torch.autocast(hidden.device.type, enabled=False):
             out = linear_token_logprobs(rows, weight, labels, bias=bias, temperature=temperature / scale,
                                         return_entropy=return_entropy, ignore_index=_IGNORE, impl=impl)
-        cols = list(out) if isinstance(out, tuple) else [out]
-        packed = []
-        for c in cols:
-            if n == 0:
-                c = c * 0
-                full = c.new_zeros((B, T - 1)) + c.sum()
-            else:
-                full = c.new_zeros((B, T - 1)).masked_scatter(next_sel, c)
-            packed.append(torch.cat([full.new_zeros((B, 1)), full], dim=1))
-        ref = packed[0]
-        # probes: any elementwise post-head transform shows up as f(1), f(2) != scale * (1, 2)
-        packed += [torch.ones_like(ref).detach(), torch.full_like(ref, 2.0).detach()]
-        return torch.stack(packed, dim=-1) / scale  # the model multiplies by `scale` after the head
+        return _pack_columns(out if isinstance(out, tuple) else (out,), next_sel, src.numel(), scale)
 
     had_forward = "forward" in head.__dict__
     saved = head.__dict__.get("forward")
@@ -195,9 +229,9 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             head.forward = saved
         else:
             del head.forward
-    if len(calls) != 1:
+    if len(seen) != 1:
         raise ValueError(
-            f"the model's forward called its output embedding {len(calls)} times (expected once); it computes "
+            f"the model's forward called its output embedding {len(seen)} times (expected once); it computes "
             "logits some other way and cannot be scored through its hidden states."
         )
     packed = output.logits if hasattr(output, "logits") else output[0]
@@ -207,9 +241,10 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     if model not in _PROBED:  # checked once per model: a bool() of a device tensor is a host sync
         _check_probe(packed[0, 0, k:], scale)
         _PROBED.add(model)
-    if return_entropy:
-        return packed[..., 0], packed[..., 1]
-    return packed[..., 0]
+    res = (packed[..., 0], packed[..., 1]) if return_entropy else (packed[..., 0],)
+    if return_hidden:
+        res += (seen[0],)
+    return res if len(res) > 1 else res[0]
 
 
 # models whose post-head transform was checked (weak: a deleted model leaves the set)

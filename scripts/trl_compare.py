@@ -93,13 +93,14 @@ def main() -> None:
     sampler = rollout.HFRollout(tok, env.device)
     metrics = Metrics(out, True, a.steps)
     t0 = time.perf_counter()
-    before = ftrain.evaluate(0, cfg, env, policy, sampler, eval_task, metrics)
+    run = ftrain.Trainer(cfg=cfg, env=env, policy=policy, sampler=sampler, metrics=metrics, eval_task=eval_task)
+    before = ftrain.evaluate(run, 0)
     trainer = trainer_cls(model=lm, reward_funcs=correctness, args=args, train_dataset=ds, processing_class=tok,
                           callbacks=[Clock()])
     t1 = time.perf_counter()
     trainer.train()
     t2 = time.perf_counter()
-    after = ftrain.evaluate(a.steps, cfg, env, policy, sampler, eval_task, metrics)
+    after = ftrain.evaluate(run, a.steps)
     metrics.close()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     for s, h in zip(steps, logs):

@@ -117,7 +117,8 @@ def test_evaluate_reports_pass_at_k_on_the_code_task():
     texts = [add, bad_add, "no code", bad_add, neg, neg, neg, neg]  # prompt 0: 1 of 4 correct, prompt 1: 4 of 4
     cfg = config.load(["--config", TINY, "--task.name=code", "--eval.prompts=2", "--eval.samples=4",
                        "--rollout.prompts_per_step=2"])
-    rec = train.evaluate(3, cfg, CPU, None, _ScriptedSampler(texts), task, Metrics(Path("."), False, 0))
+    rec = train.evaluate(train.Trainer(cfg=cfg, env=CPU, policy=None, sampler=_ScriptedSampler(texts),
+                                       metrics=Metrics(Path("."), False, 0), eval_task=task), 3)
     assert rec["accuracy"] == 5 / 8 and rec["pass_at_k"] == 1.0  # pass@1 (= accuracy) and pass@4
     assert rec["pass_at_2"] == pytest.approx((tasks.pass_at_k(4, 1, 2) + 1.0) / 2)
     assert rec["tests_passed"] == pytest.approx((1 + 0.5 + 0 + 0.5 + 4) / 8) and rec["code_found"] == 7 / 8

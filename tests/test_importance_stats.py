@@ -108,8 +108,8 @@ def test_trainer_logs_them_to_metrics_jsonl(tmp_path):
     policy, ref, tok = model.build(cfg, CPU_ENV)
     opt, sched = train.build_optimizer(policy, cfg)
     metrics = Metrics(cfg.run_dir, True, 1)
-    train.train_step(0, cfg, CPU_ENV, policy, ref, rollout.HFRollout(tok, CPU_ENV.device), tasks.build(cfg, "train"),
-                     opt, sched, metrics)
+    train.train_step(train.Trainer(cfg=cfg, env=CPU_ENV, policy=policy, sampler=rollout.HFRollout(tok, CPU_ENV.device),
+                                   metrics=metrics, ref=ref, opt=opt, sched=sched, task=tasks.build(cfg, "train")), 0)
     metrics.close()
     rec = json.loads((cfg.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0.0 <= rec["is_clip_low_frac"] <= 1.0 and 0.0 <= rec["is_clip_high_frac"] <= 1.0

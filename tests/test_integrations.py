@@ -449,6 +449,40 @@ def test_hf_logprobs_only_and_no_response(device):
     assert "forward" not in model.lm_head.__dict__  # the head is restored
 
 
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_hf_return_hidden_is_the_heads_input(device, entropy, autocast):
+    """return_hidden hands back the very tensor the lm_head was called with (what a forward pre-hook on
+    the head sees: same object, the model's dtype even under autocast), and gradients through it reach the
+    backbone; without it the outputs are unchanged (a tensor, or (logp, entropy))."""
+    from flowrl_kernels.hf import response_logprobs
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = _tiny(LlamaForCausalLM, LlamaConfig).to(device)
+    ids, am, rm = _batch(device=device)
+    seen = []
+    hook = model.lm_head.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            got = response_logprobs(model, ids, am, rm, return_entropy=entropy, return_hidden=True)
+            plain = response_logprobs(model, ids, am, rm, return_entropy=entropy)
+    finally:
+        hook.remove()
+    assert isinstance(got, tuple) and len(got) == (3 if entropy else 2)
+    hidden = got[-1]
+    assert hidden is seen[0] and hidden.shape == (*ids.shape, 32)  # the same object: no cast, no copy
+    if entropy:
+        assert isinstance(plain, tuple) and len(plain) == 2
+        assert torch.equal(plain[0], got[0]) and torch.equal(plain[1], got[1])
+    else:
+        assert isinstance(plain, torch.Tensor) and torch.equal(plain, got[0])
+    model.zero_grad()
+    hidden.float().pow(2).sum().backward()  # the hidden states alone: the head's weight gets no gradient
+    assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+    assert model.model.embed_tokens.weight.grad is not None
+    assert "forward" not in model.lm_head.__dict__
+
+
 def test_hf_refuses_what_it_cannot_reproduce(device):
     from flowrl_kernels.hf import response_logprobs
     from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM

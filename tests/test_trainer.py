@@ -297,6 +297,14 @@ def test_micro_batches_add_up(name, reduction):
             torch.testing.assert_close(a, b)
 
 
+def test_zero_std_fraction():
+    # 4 groups of 3: all-correct, mixed, all-wrong, all equal partial credit -> 3 of 4 carry no GRPO signal
+    groups = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
+    assert algorithms.zero_std_fraction(groups) == 0.75
+    assert algorithms.zero_std_fraction(groups[1:2]) == 0.0
+    assert (algorithms.normalized_rewards(groups.reshape(-1), 3).view(4, 3)[[0, 2, 3]] == 0).all()
+
+
 def test_fused_logprob_path_matches_logits_path():
     import flowrl_kernels
     if not hasattr(flowrl_kernels, "linear_token_logprobs"):
@@ -316,6 +324,34 @@ def test_fused_logprob_path_matches_logits_path():
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)
     for n, p in policy.named_parameters():  # the fused path trains the same parameters, log Z included
         torch.testing.assert_close(p.grad, ga[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_train_step_old_positional_call_still_works(tmp_path):
+    """train_step(step, cfg, env, policy, ref, sampler, task, opt, sched, metrics), the call before
+    train.Trainer: a DeprecationWarning naming the caller's line, and the same step (record and weights)
+    as train_step(trainer, step) from the same start."""
+    from flowrl.metrics import Metrics
+    cfg = config.load(["--config", TINY, f"--run.out_dir={tmp_path}", "--rollout.prompts_per_step=2",
+                       "--rollout.max_new_tokens=6", "--model.tiny_hidden=32"])
+    env = distributed.Env(0, 0, 1, torch.device("cpu"), None)
+    timing = ("step_time", "tokens_per_s", "peak_memory_mb", "time_generate", "time_logprobs", "time_update")
+    runs = []
+    for old_call in (False, True):
+        policy, ref, tok = model.build(cfg, env)
+        opt, sched = train.build_optimizer(policy, cfg)
+        sampler, task, m = rollout.HFRollout(tok, env.device), tasks.build(cfg, "train"), Metrics(tmp_path, False, 1)
+        torch.manual_seed(1)
+        if old_call:
+            with pytest.warns(DeprecationWarning, match=r"train_step\(step, cfg, env") as w:
+                rec = train.train_step(0, cfg, env, policy, ref, sampler, task, opt, sched, m)
+            assert w[0].filename == __file__
+        else:
+            rec = train.train_step(train.Trainer(cfg=cfg, env=env, policy=policy, sampler=sampler, metrics=m, ref=ref,
+                                                 opt=opt, sched=sched, task=task), 0)
+        runs.append(({k: v for k, v in rec.items() if k not in timing}, [p.detach() for p in policy.parameters()]))
+    assert runs[0][0] == runs[1][0] and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    with pytest.raises(ValueError, match="Trainer.opt, Trainer.sched, Trainer.task"):
+        train.train_step(train.Trainer(cfg=cfg, env=env, policy=policy, sampler=sampler, metrics=m), 0)
 
 
 def test_fused_path_requires_the_op(monkeypatch):

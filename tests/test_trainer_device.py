@@ -186,7 +186,9 @@ def test_no_host_read_per_micro_batch(monkeypatch):
             calls = _count_host_reads(mp)
             n_sync = []
             mp.setattr(distributed, "synchronize", lambda d: (n_sync.append(d), real_sync(d)))
-            rec = train.train_step(0, cfg, env, policy, ref, rollout.HFRollout(tok, env.device), task, opt, sched, m)
+            trainer = train.Trainer(cfg=cfg, env=env, policy=policy, sampler=rollout.HFRollout(tok, env.device),
+                                    metrics=m, ref=ref, opt=opt, sched=sched, task=task)
+            rec = train.train_step(trainer, 0)
         counts.append(sorted(calls))
         syncs.append(len(n_sync))
         losses.append(rec["loss"])

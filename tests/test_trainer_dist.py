@@ -49,8 +49,10 @@ def _worker(rank: int, world: int, port: int, argv: list, result_dir: str) -> No
         metrics = Metrics(cfg.run_dir, env.is_main, cfg.train.steps)
         before = {n: _local(p) for n, p in policy.named_parameters()}
         ref_before = {n: _local(p) for n, p in ref.named_parameters()} if ref is not None else {}
+        trainer = train.Trainer(cfg=cfg, env=env, policy=policy, sampler=rollout.HFRollout(tok, env.device),
+                                metrics=metrics, ref=ref, opt=opt, sched=sched, task=task)
         for step in range(cfg.train.steps):
-            train.train_step(step, cfg, env, policy, ref, rollout.HFRollout(tok, env.device), task, opt, sched, metrics)
+            train.train_step(trainer, step)
         metrics.close()
         changed = {n: not torch.equal(before[n], _local(p)) for n, p in policy.named_parameters()}
         ref_same = all(torch.equal(ref_before[n], _local(p)) for n, p in ref.named_parameters()) if ref else True

@@ -51,13 +51,33 @@ def test_evaluate_avg_pass_and_diversity():
     cfg = config.load(["--config", TINY, "--eval.prompts=2", "--eval.samples=4", "--rollout.prompts_per_step=2"])
     a = lambda x: f"<answer>{x}</answer>"  # noqa: E731
     texts = [a(1), a(2), a(2), "no tags", a(3), a(3), a(3), a(3)]  # prompt 0 accepts 1 or 2, prompt 1 only 7
-    rec = train.evaluate(5, cfg, CPU, None, _ScriptedSampler(texts), _ManyAnswers(["1|2", "7"]),
-                         Metrics(Path("."), False, 0))
+    rec = train.evaluate(train.Trainer(cfg=cfg, env=CPU, policy=None, sampler=_ScriptedSampler(texts),
+                                       metrics=Metrics(Path("."), False, 0), eval_task=_ManyAnswers(["1|2", "7"])), 5)
     assert rec["step"] == 5 and rec["prompts"] == 2 and rec["samples"] == 4
     assert rec["accuracy"] == 3 / 8 and rec["pass_at_k"] == 1 / 2 and rec["format_rate"] == 7 / 8
     assert rec["distinct_correct"] == 2.0  # {1, 2} on the one solved prompt
     h0 = -(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5))  # answers 1, 2, 2, none
     assert rec["answer_entropy"] == pytest.approx(h0 / 2)  # prompt 1 always says 3: entropy 0
+
+
+def test_evaluate_old_positional_call_still_works():
+    """evaluate(step, cfg, env, policy, sampler, task, metrics), the call before train.Trainer: the same record,
+    with a DeprecationWarning that names the caller's line; anything else first is a TypeError."""
+    cfg = config.load(["--config", TINY, "--eval.prompts=2", "--eval.samples=4", "--rollout.prompts_per_step=2"])
+    texts = ["<answer>1</answer>", "<answer>7</answer>", "x", "<answer>2</answer>"] * 2
+    task, m = _ManyAnswers(["1|2", "7"]), Metrics(Path("."), False, 0)
+    new = train.evaluate(train.Trainer(cfg=cfg, env=CPU, policy=None, sampler=_ScriptedSampler(texts), metrics=m,
+                                       eval_task=task), 5)
+    with pytest.warns(DeprecationWarning, match=r"build a flowrl.train.Trainer") as rec:
+        old = train.evaluate(5, cfg, CPU, None, _ScriptedSampler(texts), task, m)
+    assert rec[0].filename == __file__
+    with pytest.warns(DeprecationWarning):
+        kw = train.evaluate(5, cfg, CPU, None, _ScriptedSampler(texts), task=task, metrics=m)
+    assert old == new == kw and new["accuracy"] == 3 / 8
+    with pytest.raises(TypeError, match="takes a flowrl.train.Trainer"):
+        train.evaluate(cfg, 5)
+    with pytest.raises(ValueError, match="Trainer.eval_task"):
+        train.evaluate(train.Trainer(cfg=cfg, env=CPU, policy=None, sampler=_ScriptedSampler(texts), metrics=m), 5)
 
 
 def test_eval_jsonl_of_a_run(tiny_run):

@@ -174,7 +174,9 @@ def test_train_steps_with_sampler_old_logp(rig, tmp_path):
     opt, sched = train.build_optimizer(policy, cfg)
     metrics = Metrics(tmp_path, True, 2)
     before = {k: v.full_tensor().clone() for k, v in policy.lm.state_dict().items() if "layers.0.mlp" in k}
-    recs = [train.train_step(s, cfg, env, policy, ref, sampler, task, opt, sched, metrics) for s in (100, 101)]
+    trainer = train.Trainer(cfg=cfg, env=env, policy=policy, sampler=sampler, metrics=metrics, ref=ref, opt=opt,
+                            sched=sched, task=task)
+    recs = [train.train_step(trainer, s) for s in (100, 101)]
     metrics.close()
     assert any(not torch.equal(v, policy.lm.state_dict()[k].full_tensor()) for k, v in before.items())
     for r in recs:

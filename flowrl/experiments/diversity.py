@@ -174,7 +174,7 @@ def rl_step(policy, ref, tok, opt, sched, cfg: config.Config, messages: List[lis
     up = train.update_policy(step, cfg, env, policy, ref, batch, r_hat, opt, sched)
     groups = rewards.view(-1, G)
     return {**train.update_means(up, CPU), "skipped": up["skipped"], "train_accuracy": float((rewards >= 1).float().mean()),
-            "zero_std_groups": float((groups.max(-1).values == groups.min(-1).values).float().mean())}
+            "zero_std_groups": algorithms.zero_std_fraction(groups)}
 
 
 # FlowRL variants (issue 17's ablations): trainer [algo] overrides, and whether the loss sees the raw reward
