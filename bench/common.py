@@ -303,6 +303,93 @@ def _percentile(sorted_xs: Sequence[float], q: float) -> float:
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
 
 
+def _grad_outputs(out) -> list:
+    # the outputs that get upstream grads (integer counts and detached stats get none)
+    return [o for o in _outputs(out) if o.requires_grad]
+
+
+def _upstream(outs) -> list:
+    return [torch.randn_like(o) for o in outs]
+
+
+def _no_grad_forward(fn, inp):
+    with torch.no_grad():
+        return fn(**inp)
+
+
+def _forward_backward(fn, inp):
+    outs = _grad_outputs(fn(**inp))
+    torch.autograd.backward(outs, _upstream(outs))
+
+
+def _step(fn) -> None:
+    fn()
+
+
+def _forward_for_backward(fn, inp) -> tuple:
+    outs = _grad_outputs(fn(**inp))
+    return outs, _upstream(outs)
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """What one mode of ``run_case`` times; everything else (probe, rounds, clocks, memory) is shared."""
+    grad: bool  # inputs built with make_inputs(requires_grad=grad)
+    prepare: Callable[..., tuple]  # prepare(fn, inputs) -> the round's arguments, built before the clock
+    timed: Callable[..., object]  # timed(fn, *arguments): the work on the clock (its return stays live
+    #                               until the call ends, so a forward's outputs count in its peak memory)
+    device_clock: bool = True  # also timed on the GPU's clock (device_time)
+
+
+MODE_TABLE: Dict[str, ModeSpec] = {
+    # the op under no_grad: how old / ref log-probs are computed in RL
+    "forward": ModeSpec(False, lambda fn, inp: (inp,), _no_grad_forward),
+    # only autograd.backward(outputs, random grads): the forward that makes the graph is untimed
+    "backward": ModeSpec(True, _forward_for_backward, lambda fn, outs, grads: torch.autograd.backward(outs, grads)),
+    # forward + backward: what one training step pays for the op
+    "full": ModeSpec(True, lambda fn, inp: (inp,), _forward_backward),
+    # a whole training step, fn() does its own forward, backward and update (make_inputs returns {});
+    # no device clock: the step's host work (sampling, the loop) is the point
+    "step": ModeSpec(True, lambda fn, inp: (), _step, device_clock=False),
+}
+
+
+class _Case:
+    """One provider, one input set, one mode: ``setup()`` builds a round's arguments (untimed),
+    ``body(*args)`` is the timed call without a sync (what the device clock brackets), ``target(*args)``
+    adds the sync the host clock needs; ``once(measure)`` runs ``measure(call)`` on one fresh round."""
+
+    def __init__(self, provider: Provider, spec: ModeSpec, inputs: Dict[str, torch.Tensor]):
+        self.provider, self.spec, self.inputs = provider, spec, inputs
+
+    def _round_inputs(self) -> Dict[str, torch.Tensor]:
+        if not self.provider.fresh:  # the same tensors every round; only last round's grads go
+            for t in self.inputs.values():
+                if isinstance(t, torch.Tensor):
+                    t.grad = None
+            return self.inputs
+        return {k: (v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+                for k, v in self.inputs.items()}
+
+    def setup(self, sync: bool = True) -> tuple:
+        args = self.spec.prepare(self.provider.fn, self._round_inputs())
+        if sync:
+            _sync()
+        return args
+
+    def body(self, *args):
+        return self.spec.timed(self.provider.fn, *args)
+
+    def target(self, *args):
+        out = self.body(*args)
+        _sync()
+        return out
+
+    def once(self, measure: Callable[[Callable[[], object]], object]):
+        args = self.setup()
+        return measure(lambda: self.target(*args))
+
+
 # do_bench's L2 flush: a 256 MiB write evicts the 50-60 MB L2 of an H100 / H200 before every round
 _L2_FLUSH_BYTES = 256 * 2**20
 _FLUSH: Dict[str, torch.Tensor] = {}
@@ -349,72 +436,16 @@ def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[s
     """
     import pytest
 
-    if mode not in MODES + ("step",):
-        raise ValueError(f"mode={mode!r} is not one of {MODES + ('step',)}")
-    grad = mode != "forward"
+    if mode not in MODE_TABLE:
+        raise ValueError(f"mode={mode!r} is not one of {tuple(MODE_TABLE)}")
+    spec = MODE_TABLE[mode]
     try:
-        base = make_inputs(grad)
+        base = make_inputs(spec.grad)
     except torch.OutOfMemoryError as e:  # pragma: no cover - GPU only
         _free()
         pytest.skip(f"OOM building the inputs: {str(e).splitlines()[0]}")
-
-    def leaves():
-        if not provider.fresh:
-            for t in base.values():
-                if isinstance(t, torch.Tensor):
-                    t.grad = None
-            return base
-        return {k: (v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
-                for k, v in base.items()}
-
-    def upstream(outs):
-        return [torch.randn_like(o) for o in outs]
-
-    # setup(sync) builds one round's arguments (untimed); body(*args) is the timed call, without a sync
-    if mode == "step":  # a whole training step: fn() does its own forward, backward and update
-        def setup(sync=True):
-            if sync:
-                _sync()
-            return ()
-
-        def body():
-            provider.fn()
-    elif mode == "forward":
-        def setup(sync=True):
-            inp = leaves()
-            if sync:
-                _sync()
-            return (inp,)
-
-        def body(inp):
-            with torch.no_grad():
-                return provider.fn(**inp)
-    elif mode == "backward":
-        def setup(sync=True):
-            inp = leaves()
-            outs = [o for o in _outputs(provider.fn(**inp)) if o.requires_grad]
-            grads = upstream(outs)
-            if sync:
-                _sync()
-            return (outs, grads)
-
-        def body(outs, grads):
-            torch.autograd.backward(outs, grads)
-    else:
-        def setup(sync=True):
-            inp = leaves()
-            if sync:
-                _sync()
-            return (inp,)
-
-        def body(inp):
-            outs = [o for o in _outputs(provider.fn(**inp)) if o.requires_grad]
-            torch.autograd.backward(outs, upstream(outs))
-
-    def target(*args):
-        out = body(*args)
-        _sync()
-        return out
+    case = _Case(provider, spec, base)
+    setup, body, target = case.setup, case.body, case.target
 
     def pedantic_setup():
         return setup(), {}
@@ -445,7 +476,7 @@ def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[s
         benchmark.pedantic(target, setup=pedantic_setup, rounds=rounds, warmup_rounds=0, iterations=1)
         # device clock: fewer rounds for slow cases (each round re-runs setup, e.g. a forward)
         dev_ms = None
-        if ON_GPU and mode != "step":  # a training step's host work (sampling, the loop) is the point
+        if ON_GPU and spec.device_clock:
             host = sorted(benchmark.stats.stats.data)
             dev_ms = device_time(setup, body, min(rounds, 30), _percentile(host, 0.5))
         args = setup()
@@ -464,7 +495,7 @@ def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[s
             n_ops = count_aten_ops(lambda: target(*args))
             del args
     except torch.OutOfMemoryError as e:  # pragma: no cover - GPU only
-        del base
+        del base, case
         _free()
         pytest.skip(f"OOM: {str(e).splitlines()[0]}")
 
@@ -500,7 +531,7 @@ def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[s
         if dev_ms is not None:
             ei["device_TFLOPs"] = f / dev_ms[0.5] / 1e9
             ei["device_pct_matmul"] = 100.0 * ei["device_TFLOPs"] / ceil["matmul_TFLOPs"]
-    del base
+    del base, case
     _free()
 
 
