@@ -425,6 +425,48 @@ def device_time(setup: Callable[..., tuple], body: Callable, rounds: int, host_s
     return {q: _percentile(ts, q) for q in (0.2, 0.5, 0.8)}
 
 
+def _skip(reason: str):
+    import pytest  # here, not at the top: cpu_compare.py and gpu.sh import this module without pytest
+
+    pytest.skip(reason)
+
+
+def _probe(case: _Case) -> float:
+    """Seconds of one call: it compiles / autotunes / warms caches (the warm-up of the timed rounds) and
+    sizes the rounds. A provider that cannot run here skips the case with the reason."""
+    try:
+        args = case.setup()
+        t0 = time.perf_counter()
+        case.target(*args)
+        return time.perf_counter() - t0
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        # impl not provided on this device (resolve_impl's ValueError names `impl`) or a peer /
+        # torch.compile that fails here: a skip with the reason, never a silent substitute
+        if case.provider.skip_on_error or (isinstance(e, ValueError) and "impl" in str(e)):
+            _skip(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+        raise
+
+
+def _rounds(probe_s: float) -> int:
+    """Rounds that spend about ROUND_BUDGET_S, within [MIN_ROUNDS, MAX_ROUNDS]."""
+    # slow cases (the fp32 reference of the fused lm_head: seconds on a CPU) get fewer rounds
+    min_rounds = MIN_ROUNDS if probe_s < 0.25 else max(3, MIN_ROUNDS // 2)
+    return int(min(MAX_ROUNDS, max(min_rounds, ROUND_BUDGET_S / max(probe_s, 1e-6))))
+
+
+def _peak_memory_of(case: _Case) -> Dict[str, int]:
+    """``peak_memory`` of one call; on the CPU the larger of two calls, key by key."""
+    peak = case.once(peak_memory)
+    if not ON_GPU:
+        # CPU: once in a full suite run a call read ~1/4 of its peak on both counters (allocator and
+        # RSS; not reproducible alone), so the CPU peak is the larger of two measured calls
+        again = case.once(peak_memory)
+        peak = {k: max(v, again.get(k, v)) for k, v in peak.items()}
+    return peak
+
+
 def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[str, torch.Tensor]], mode: str,
              *, info: Dict[str, object], bytes_moved: Optional[Dict[str, float]] = None,
              flop: Optional[Dict[str, float]] = None, count_ops: bool = False) -> None:
@@ -434,8 +476,6 @@ def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[s
     count_ops: also record ``aten_ops``, the ATen ops with a kernel of one timed call (not for
     compiled providers).
     """
-    import pytest
-
     if mode not in MODE_TABLE:
         raise ValueError(f"mode={mode!r} is not one of {tuple(MODE_TABLE)}")
     spec = MODE_TABLE[mode]
@@ -443,61 +483,27 @@ def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[s
         base = make_inputs(spec.grad)
     except torch.OutOfMemoryError as e:  # pragma: no cover - GPU only
         _free()
-        pytest.skip(f"OOM building the inputs: {str(e).splitlines()[0]}")
+        _skip(f"OOM building the inputs: {str(e).splitlines()[0]}")
     case = _Case(provider, spec, base)
-    setup, body, target = case.setup, case.body, case.target
-
-    def pedantic_setup():
-        return setup(), {}
-
     try:
-        # probe: compiles / autotunes / warms caches, and sizes the rounds
-        t0 = time.perf_counter()
-        try:
-            args = setup()
-            t0 = time.perf_counter()
-            target(*args)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:
-            # impl not provided on this device (resolve_impl's ValueError names `impl`) or a peer /
-            # torch.compile that fails here: a skip with the reason, never a silent substitute
-            if provider.skip_on_error or (isinstance(e, ValueError) and "impl" in str(e)):
-                pytest.skip(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
-            raise
-        probe = time.perf_counter() - t0
-        del args
+        probe_s = _probe(case)
         if benchmark.disabled:  # --benchmark-disable: one correctness-style run only
             return
-        # slow cases (the fp32 reference of the fused lm_head: seconds on a CPU) get fewer rounds
-        min_rounds = MIN_ROUNDS if probe < 0.25 else max(3, MIN_ROUNDS // 2)
-        rounds = int(min(MAX_ROUNDS, max(min_rounds, ROUND_BUDGET_S / max(probe, 1e-6))))
+        rounds = _rounds(probe_s)
         # the probe was the warm-up
-        benchmark.pedantic(target, setup=pedantic_setup, rounds=rounds, warmup_rounds=0, iterations=1)
-        # device clock: fewer rounds for slow cases (each round re-runs setup, e.g. a forward)
+        benchmark.pedantic(case.target, setup=lambda: (case.setup(), {}), rounds=rounds, warmup_rounds=0,
+                           iterations=1)
         dev_ms = None
         if ON_GPU and spec.device_clock:
-            host = sorted(benchmark.stats.stats.data)
-            dev_ms = device_time(setup, body, min(rounds, 30), _percentile(host, 0.5))
-        args = setup()
-        peak = peak_memory(lambda: target(*args))
-        del args
-        if not ON_GPU:
-            # CPU: once in a full suite run a call read ~1/4 of its peak on both counters (allocator and
-            # RSS; not reproducible alone), so the CPU peak is the larger of two measured calls
-            args = setup()
-            again = peak_memory(lambda: target(*args))
-            del args
-            peak = {k: max(v, again.get(k, v)) for k, v in peak.items()}
-        n_ops = None
-        if count_ops:
-            args = setup()
-            n_ops = count_aten_ops(lambda: target(*args))
-            del args
+            # fewer rounds for slow cases (each round re-runs setup, e.g. a forward)
+            host_median_s = _percentile(sorted(benchmark.stats.stats.data), 0.5)
+            dev_ms = device_time(case.setup, case.body, min(rounds, 30), host_median_s)
+        peak = _peak_memory_of(case)
+        n_ops = case.once(count_aten_ops) if count_ops else None
     except torch.OutOfMemoryError as e:  # pragma: no cover - GPU only
         del base, case
         _free()
-        pytest.skip(f"OOM: {str(e).splitlines()[0]}")
+        _skip(f"OOM: {str(e).splitlines()[0]}")
 
     data = sorted(benchmark.stats.stats.data)
     med = _percentile(data, 0.5)
