@@ -1,11 +1,9 @@
 """Shared setup of the benchmark suite: shape presets, machine ceilings, timing, peak memory, extra_info.
 
 Every bench file builds a dict of providers (name -> callable or a skip reason) and hands one case to
-``run_case``, which times it in one of three modes and records what the roofline needs:
-
-    forward   the op under no_grad (how old/ref log-probs are computed in RL)
-    backward  only ``torch.autograd.backward(outputs, random upstream grads)``; the forward runs in setup
-    full      forward + backward, what one training step pays
+``run_case``, which times it in one mode of ``MODE_TABLE`` (forward: the op under no_grad; backward:
+only ``torch.autograd.backward``, the forward runs in setup; full: both; step: a whole training step)
+and records what the roofline needs.
 
 Timing, two clocks:
   host    ``benchmark.pedantic`` with one call per round, the GPU synchronized at the end of every
@@ -289,12 +287,6 @@ class Provider:
     skip_on_error: bool = False
 
 
-def _outputs(out) -> tuple:
-    if isinstance(out, torch.Tensor):
-        return (out,)
-    return tuple(o for o in out if isinstance(o, torch.Tensor))
-
-
 def _percentile(sorted_xs: Sequence[float], q: float) -> float:
     # linear interpolation between closest ranks (numpy's default)
     pos = (len(sorted_xs) - 1) * q
@@ -303,13 +295,12 @@ def _percentile(sorted_xs: Sequence[float], q: float) -> float:
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
 
 
-def _grad_outputs(out) -> list:
-    # the outputs that get upstream grads (integer counts and detached stats get none)
-    return [o for o in _outputs(out) if o.requires_grad]
-
-
-def _upstream(outs) -> list:
-    return [torch.randn_like(o) for o in outs]
+def _forward_and_upstream(fn, inp) -> tuple:
+    """The tensor outputs of ``fn(**inp)`` that need grads (not counts, detached stats) and random grads."""
+    out = fn(**inp)
+    outs = [o for o in ((out,) if isinstance(out, torch.Tensor) else out)
+            if isinstance(o, torch.Tensor) and o.requires_grad]
+    return outs, [torch.randn_like(o) for o in outs]
 
 
 def _no_grad_forward(fn, inp):
@@ -317,62 +308,47 @@ def _no_grad_forward(fn, inp):
         return fn(**inp)
 
 
-def _forward_backward(fn, inp):
-    outs = _grad_outputs(fn(**inp))
-    torch.autograd.backward(outs, _upstream(outs))
-
-
-def _step(fn) -> None:
-    fn()
-
-
-def _forward_for_backward(fn, inp) -> tuple:
-    outs = _grad_outputs(fn(**inp))
-    return outs, _upstream(outs)
-
-
 @dataclass(frozen=True)
 class ModeSpec:
-    """What one mode of ``run_case`` times; everything else (probe, rounds, clocks, memory) is shared."""
-    grad: bool  # inputs built with make_inputs(requires_grad=grad)
-    prepare: Callable[..., tuple]  # prepare(fn, inputs) -> the round's arguments, built before the clock
-    timed: Callable[..., object]  # timed(fn, *arguments): the work on the clock (its return stays live
-    #                               until the call ends, so a forward's outputs count in its peak memory)
-    device_clock: bool = True  # also timed on the GPU's clock (device_time)
+    """What one mode of ``run_case`` times; the probe, rounds, clocks and memory are the same for all."""
+    grad: bool  # the inputs are built with make_inputs(requires_grad=grad)
+    prepare: Callable[..., tuple]  # prepare(fn, inputs) -> a round's arguments, built before the clock
+    timed: Callable[..., object]  # timed(fn, *arguments): the clocked work (its return counts in the peak)
+    device_clock: bool = True  # also timed on the GPU's own clock (device_time)
 
 
 MODE_TABLE: Dict[str, ModeSpec] = {
     # the op under no_grad: how old / ref log-probs are computed in RL
     "forward": ModeSpec(False, lambda fn, inp: (inp,), _no_grad_forward),
-    # only autograd.backward(outputs, random grads): the forward that makes the graph is untimed
-    "backward": ModeSpec(True, _forward_for_backward, lambda fn, outs, grads: torch.autograd.backward(outs, grads)),
+    # only autograd.backward(outputs, random upstream grads); the forward runs in setup
+    "backward": ModeSpec(True, _forward_and_upstream, lambda fn, outs, grads: torch.autograd.backward(outs, grads)),
     # forward + backward: what one training step pays for the op
-    "full": ModeSpec(True, lambda fn, inp: (inp,), _forward_backward),
-    # a whole training step, fn() does its own forward, backward and update (make_inputs returns {});
-    # no device clock: the step's host work (sampling, the loop) is the point
-    "step": ModeSpec(True, lambda fn, inp: (), _step, device_clock=False),
+    "full": ModeSpec(True, lambda fn, inp: (inp,),
+                     lambda fn, inp: torch.autograd.backward(*_forward_and_upstream(fn, inp))),
+    # a whole training step: fn() does its own forward, backward and update (make_inputs returns {}, fn
+    # returns nothing); no device clock, the step's host work (sampling, the loop) is the point
+    "step": ModeSpec(True, lambda fn, inp: (), lambda fn: fn(), device_clock=False),
 }
 
 
+@dataclass
 class _Case:
-    """One provider, one input set, one mode: ``setup()`` builds a round's arguments (untimed),
-    ``body(*args)`` is the timed call without a sync (what the device clock brackets), ``target(*args)``
-    adds the sync the host clock needs; ``once(measure)`` runs ``measure(call)`` on one fresh round."""
+    """One provider on one input set in one mode. ``setup()``: a round's arguments (untimed); ``body``:
+    the timed call (what device_time brackets); ``target``: body + the sync the host clock needs."""
+    provider: Provider
+    spec: ModeSpec
+    inputs: Dict[str, torch.Tensor]
 
-    def __init__(self, provider: Provider, spec: ModeSpec, inputs: Dict[str, torch.Tensor]):
-        self.provider, self.spec, self.inputs = provider, spec, inputs
-
-    def _round_inputs(self) -> Dict[str, torch.Tensor]:
-        if not self.provider.fresh:  # the same tensors every round; only last round's grads go
+    def setup(self, sync: bool = True) -> tuple:
+        if self.provider.fresh:  # it overwrites its inputs: a clone per round
+            inp = {k: (v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+                   for k, v in self.inputs.items()}
+        else:  # the same tensors every round, the last round's grads dropped
             for t in self.inputs.values():
                 if isinstance(t, torch.Tensor):
                     t.grad = None
-            return self.inputs
-        return {k: (v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
-                for k, v in self.inputs.items()}
-
-    def setup(self, sync: bool = True) -> tuple:
-        args = self.spec.prepare(self.provider.fn, self._round_inputs())
+            inp = self.inputs
+        args = self.spec.prepare(self.provider.fn, inp)
         if sync:
             _sync()
         return args
@@ -386,6 +362,7 @@ class _Case:
         return out
 
     def once(self, measure: Callable[[Callable[[], object]], object]):
+        # measure(call) on one fresh round: peak_memory, count_aten_ops
         args = self.setup()
         return measure(lambda: self.target(*args))
 
@@ -432,8 +409,8 @@ def _skip(reason: str):
 
 
 def _probe(case: _Case) -> float:
-    """Seconds of one call: it compiles / autotunes / warms caches (the warm-up of the timed rounds) and
-    sizes the rounds. A provider that cannot run here skips the case with the reason."""
+    """Seconds of one call, which compiles / autotunes / warms caches (the warm-up of the timed rounds).
+    A provider that cannot run here skips the case with the reason."""
     try:
         args = case.setup()
         t0 = time.perf_counter()
@@ -449,22 +426,63 @@ def _probe(case: _Case) -> float:
         raise
 
 
-def _rounds(probe_s: float) -> int:
-    """Rounds that spend about ROUND_BUDGET_S, within [MIN_ROUNDS, MAX_ROUNDS]."""
+def _time(benchmark, case: _Case, probe_s: float) -> Optional[Dict[float, float]]:
+    """Host clock: about ROUND_BUDGET_S of pytest-benchmark rounds (into ``benchmark.stats``). GPU, unless
+    the mode opts out: also ``device_time``'s {0.2: p20, 0.5: median, 0.8: p80} ms, else None."""
     # slow cases (the fp32 reference of the fused lm_head: seconds on a CPU) get fewer rounds
     min_rounds = MIN_ROUNDS if probe_s < 0.25 else max(3, MIN_ROUNDS // 2)
-    return int(min(MAX_ROUNDS, max(min_rounds, ROUND_BUDGET_S / max(probe_s, 1e-6))))
+    rounds = int(min(MAX_ROUNDS, max(min_rounds, ROUND_BUDGET_S / max(probe_s, 1e-6))))
+    # the probe was the warm-up
+    benchmark.pedantic(case.target, setup=lambda: (case.setup(), {}), rounds=rounds, warmup_rounds=0,
+                       iterations=1)
+    if not (ON_GPU and case.spec.device_clock):
+        return None
+    host_median_s = _percentile(sorted(benchmark.stats.stats.data), 0.5)
+    # fewer rounds for slow cases (each round re-runs setup, e.g. a forward)
+    return device_time(case.setup, case.body, min(rounds, 30), host_median_s)
 
 
 def _peak_memory_of(case: _Case) -> Dict[str, int]:
-    """``peak_memory`` of one call; on the CPU the larger of two calls, key by key."""
-    peak = case.once(peak_memory)
-    if not ON_GPU:
-        # CPU: once in a full suite run a call read ~1/4 of its peak on both counters (allocator and
-        # RSS; not reproducible alone), so the CPU peak is the larger of two measured calls
-        again = case.once(peak_memory)
-        peak = {k: max(v, again.get(k, v)) for k, v in peak.items()}
-    return peak
+    # CPU: once in a full suite run a call read ~1/4 of its peak on both counters (allocator and RSS;
+    # not reproducible alone), so the CPU peak is the larger of two measured calls, key by key
+    peaks = [case.once(peak_memory) for _ in range(1 if ON_GPU else 2)]
+    return {k: max(p.get(k, v) for p in peaks) for k, v in peaks[0].items()}
+
+
+# floor -> (rate, % of ceiling, unit, ceiling): the keys each floor adds, from the host clock and (GPU)
+# with a "device_" prefix from the device clock
+_RATES = {"bytes_floor": ("GBps", "pct_floor", 1e9, "copy_GBps"),
+          "flop": ("TFLOPs", "pct_matmul", 1e12, "matmul_TFLOPs")}
+
+
+def _fill_extra_info(benchmark, info: Dict[str, object], mode: str, note: str, dev_ms: Optional[Dict[float, float]],
+                     peak: Dict[str, int], n_ops: Optional[int], floors: Dict[str, Optional[Dict[str, float]]]):
+    """What bench/report.py reads (module docstring), in this order: ``info``, dtype, the host clock,
+    peak memory, the ceilings, the device clock, the provider's note, ``aten_ops``, the floors' rates."""
+    host_s = sorted(benchmark.stats.stats.data)
+    ceil, med = ceilings(), _percentile(host_s, 0.5)
+    ei = benchmark.extra_info
+    ei.update(info)
+    ei.setdefault("dtype", str(DTYPE).replace("torch.", ""))
+    ei.update(mode=mode, rounds=len(host_s), p20_ms=_percentile(host_s, 0.2) * 1e3, median_ms=med * 1e3,
+              p80_ms=_percentile(host_s, 0.8) * 1e3, **peak, copy_GBps=ceil["copy_GBps"],
+              matmul_TFLOPs=ceil["matmul_TFLOPs"])
+    clocks = {"": med}  # key prefix -> seconds per call
+    if dev_ms is not None:
+        ei.update(device_ms=dev_ms[0.5], device_p20_ms=dev_ms[0.2], device_p80_ms=dev_ms[0.8],
+                  overhead_ms=med * 1e3 - dev_ms[0.5])
+        clocks["device_"] = dev_ms[0.5] / 1e3
+    if note:
+        ei["note"] = note
+    if n_ops is not None:
+        ei["aten_ops"] = n_ops
+    for floor_key, per_mode in floors.items():
+        if per_mode is not None:
+            rate_key, pct_key, unit, ceil_key = _RATES[floor_key]
+            work = ei[floor_key] = per_mode[mode]
+            for prefix, seconds in clocks.items():
+                rate = ei[prefix + rate_key] = work / seconds / unit
+                ei[prefix + pct_key] = 100.0 * rate / ceil[ceil_key]
 
 
 def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[str, torch.Tensor]], mode: str,
@@ -489,54 +507,15 @@ def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[s
         probe_s = _probe(case)
         if benchmark.disabled:  # --benchmark-disable: one correctness-style run only
             return
-        rounds = _rounds(probe_s)
-        # the probe was the warm-up
-        benchmark.pedantic(case.target, setup=lambda: (case.setup(), {}), rounds=rounds, warmup_rounds=0,
-                           iterations=1)
-        dev_ms = None
-        if ON_GPU and spec.device_clock:
-            # fewer rounds for slow cases (each round re-runs setup, e.g. a forward)
-            host_median_s = _percentile(sorted(benchmark.stats.stats.data), 0.5)
-            dev_ms = device_time(case.setup, case.body, min(rounds, 30), host_median_s)
+        dev_ms = _time(benchmark, case, probe_s)
         peak = _peak_memory_of(case)
         n_ops = case.once(count_aten_ops) if count_ops else None
     except torch.OutOfMemoryError as e:  # pragma: no cover - GPU only
         del base, case
         _free()
         _skip(f"OOM: {str(e).splitlines()[0]}")
-
-    data = sorted(benchmark.stats.stats.data)
-    med = _percentile(data, 0.5)
-    ceil = ceilings()
-    ei = benchmark.extra_info
-    ei.update(info)
-    ei.setdefault("dtype", str(DTYPE).replace("torch.", ""))
-    ei.update(mode=mode, rounds=len(data),
-              p20_ms=_percentile(data, 0.2) * 1e3, median_ms=med * 1e3, p80_ms=_percentile(data, 0.8) * 1e3,
-              **peak, copy_GBps=ceil["copy_GBps"], matmul_TFLOPs=ceil["matmul_TFLOPs"])
-    if dev_ms is not None:
-        ei.update(device_ms=dev_ms[0.5], device_p20_ms=dev_ms[0.2], device_p80_ms=dev_ms[0.8],
-                  overhead_ms=med * 1e3 - dev_ms[0.5])
-    if provider.note:
-        ei["note"] = provider.note
-    if n_ops is not None:
-        ei["aten_ops"] = n_ops
-    if bytes_moved is not None:
-        b = bytes_moved[mode]
-        ei["bytes_floor"] = b
-        ei["GBps"] = b / med / 1e9
-        ei["pct_floor"] = 100.0 * (b / (ceil["copy_GBps"] * 1e9)) / med
-        if dev_ms is not None:
-            ei["device_GBps"] = b / dev_ms[0.5] / 1e6
-            ei["device_pct_floor"] = 100.0 * (b / (ceil["copy_GBps"] * 1e9)) / (dev_ms[0.5] / 1e3)
-    if flop is not None:
-        f = flop[mode]
-        ei["flop"] = f
-        ei["TFLOPs"] = f / med / 1e12
-        ei["pct_matmul"] = 100.0 * ei["TFLOPs"] / ceil["matmul_TFLOPs"]
-        if dev_ms is not None:
-            ei["device_TFLOPs"] = f / dev_ms[0.5] / 1e9
-            ei["device_pct_matmul"] = 100.0 * ei["device_TFLOPs"] / ceil["matmul_TFLOPs"]
+    _fill_extra_info(benchmark, info, mode, provider.note, dev_ms, peak, n_ops,
+                     floors={"bytes_floor": bytes_moved, "flop": flop})
     del base, case
     _free()
 
