@@ -3,6 +3,7 @@ no clock): what each mode of MODE_TABLE puts on the clock, the extra_info keys b
 (order and values), a fresh clone per round for providers that overwrite their inputs, and the skips
 with their reasons. The GPU-only parts (device clock, OOM skips) are exercised by bench/gpu.sh."""
 import os
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -162,3 +163,19 @@ def test_benchmark_disable_runs_the_probe_only():
     CALLS["n"] = 0
     run_case(b, Provider(_fn), _inputs, "full", info={"op": "t"})
     assert CALLS["n"] == 1 and b.extra_info == {} and b.stats.stats.data == []
+
+
+def test_a_slow_probe_gets_fewer_rounds(monkeypatch):
+    monkeypatch.setattr(common, "ROUND_BUDGET_S", 0.0)  # rounds = the floor for the probe's speed
+    calls = []
+
+    def slow_first(x, w):  # a first call of >= 0.25 s (a compile, or the fp32 reference on a CPU)
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.3)
+        return _fn(x, w)
+
+    for fn, rounds in ((_fn, common.MIN_ROUNDS), (slow_first, max(3, common.MIN_ROUNDS // 2))):
+        b = FakeBenchmark()
+        run_case(b, Provider(fn), _inputs, "forward", info={"op": "t"})
+        assert b.extra_info["rounds"] == len(b.stats.stats.data) == rounds
