@@ -1,7 +1,9 @@
 """bench/common.py:run_case on the CPU with a stand-in for pytest-benchmark's fixture (known round times,
 no clock): what each mode of MODE_TABLE puts on the clock, the extra_info keys bench/report.py reads
-(order and values), a fresh clone per round for providers that overwrite their inputs, and the skips
-with their reasons. The GPU-only parts (device clock, OOM skips) are exercised by bench/gpu.sh."""
+(order and values), a fresh clone per round for providers that overwrite their inputs, the skips with
+their reasons, round sizing, and the device-clock fields (ON_GPU set, device_time replaced by a stand-in).
+Every test passes on the commit before run_case became a table of modes (b1a5a1e). Not covered here: the
+OOM skips and the real device_time / CUDA peak memory, which bench/gpu.sh runs on a GPU."""
 import os
 import time
 from types import SimpleNamespace
@@ -20,7 +22,8 @@ from bench.common import Provider, run_case  # noqa: E402
 if _POISON is not None:
     os.environ["FLOWRL_KERNELS_POISON"] = _POISON
 
-pytestmark = pytest.mark.skipif(common.ON_GPU, reason="the CPU path (no device clock); gpu.sh runs the GPU one")
+pytestmark = pytest.mark.skipif(common.ON_GPU, reason="CPU tensors and CPU peak memory; on a GPU, bench/gpu.sh "
+                                                     "runs run_case for real")
 CEIL = {"copy_GBps": 10.0, "matmul_TFLOPs": 0.5, "matmul_dtype": "float32"}
 
 
@@ -142,7 +145,7 @@ def _raises(exc):
 
 @pytest.mark.parametrize("exc, skip_on_error, reason", [
     (RuntimeError("compile failed\nlong trace"), True, "RuntimeError: compile failed"),
-    (ValueError("impl='triton' is not available on cpu"), False, "ValueError: impl='triton' is not available on cpu"),
+    (ValueError("impl='triton' needs CUDA tensors"), False, "ValueError: impl='triton' needs CUDA tensors"),
 ])
 def test_a_provider_that_cannot_run_skips_with_the_reason(exc, skip_on_error, reason):
     with pytest.raises(pytest.skip.Exception) as e:
@@ -179,3 +182,38 @@ def test_a_slow_probe_gets_fewer_rounds(monkeypatch):
         b = FakeBenchmark()
         run_case(b, Provider(fn), _inputs, "forward", info={"op": "t"})
         assert b.extra_info["rounds"] == len(b.stats.stats.data) == rounds
+
+
+def test_device_clock_fields(monkeypatch):
+    """The GPU branch on the CPU: ON_GPU set, device_time / peak_memory / the syncs replaced by stand-ins
+    (device quantiles 0.5 / 1.0 / 1.5 ms); the step mode never reads the device clock."""
+    calls = []
+
+    def fake_device_time(setup, body, rounds, host_s):
+        calls.append((rounds, host_s))
+        body(*setup(sync=False))
+        return {0.2: 0.5, 0.5: 1.0, 0.8: 1.5}
+
+    # 40 host rounds (the GPU's bounds are 10-100); the device clock takes at most 30
+    for name, value in (("ON_GPU", True), ("MIN_ROUNDS", 40), ("MAX_ROUNDS", 40),
+                        ("device_time", fake_device_time), ("_sync", lambda: None),
+                        ("_free", lambda: None), ("peak_memory", lambda fn: (fn(), {"peak_mem_bytes": 7})[1])):
+        monkeypatch.setattr(common, name, value)
+    b = FakeBenchmark()
+    run_case(b, Provider(_fn), _inputs, "forward", info={"op": "t"}, bytes_moved={"forward": 3e6},
+             flop={"forward": 4e9})
+    ei, data = b.extra_info, b.stats.stats.data
+    assert len(data) == 40 and calls == [(30, pytest.approx(np.percentile(data, 50), rel=1e-12))]
+    assert list(ei) == ["op", "dtype", "mode", "rounds", "p20_ms", "median_ms", "p80_ms", "peak_mem_bytes",
+                        "copy_GBps", "matmul_TFLOPs", "device_ms", "device_p20_ms", "device_p80_ms", "overhead_ms",
+                        "bytes_floor", "GBps", "pct_floor", "device_GBps", "device_pct_floor", "flop", "TFLOPs",
+                        "pct_matmul", "device_TFLOPs", "device_pct_matmul"]
+    assert (ei["device_ms"], ei["device_p20_ms"], ei["device_p80_ms"], ei["peak_mem_bytes"]) == (1.0, 0.5, 1.5, 7)
+    assert ei["overhead_ms"] == pytest.approx(ei["median_ms"] - 1.0, rel=1e-12)
+    assert ei["device_GBps"] == pytest.approx(3e6 / 1.0 / 1e6, rel=1e-12)
+    assert ei["device_pct_floor"] == pytest.approx(100 * (3e6 / (CEIL["copy_GBps"] * 1e9)) / 1e-3, rel=1e-12)
+    assert ei["device_TFLOPs"] == pytest.approx(4e9 / 1.0 / 1e9, rel=1e-12)
+    assert ei["device_pct_matmul"] == pytest.approx(100 * ei["device_TFLOPs"] / CEIL["matmul_TFLOPs"], rel=1e-12)
+    b = FakeBenchmark()
+    run_case(b, Provider(lambda: None), lambda grad: {}, "step", info={"op": "train_step"})
+    assert len(calls) == 1 and "device_ms" not in b.extra_info
