@@ -1,9 +1,8 @@
 """Shared setup of the benchmark suite: shape presets, machine ceilings, timing, peak memory, extra_info.
 
 Every bench file builds a dict of providers (name -> callable or a skip reason) and hands one case to
-``run_case``, which times it in one mode of ``MODE_TABLE`` (forward: the op under no_grad; backward:
-only ``torch.autograd.backward``, the forward runs in setup; full: both; step: a whole training step)
-and records what the roofline needs.
+``run_case``, which times it in one mode of ``MODE_TABLE`` (forward, backward, full, or a training
+step) and records what the roofline needs.
 
 Timing, two clocks:
   host    ``benchmark.pedantic`` with one call per round, the GPU synchronized at the end of every
@@ -403,14 +402,13 @@ def device_time(setup: Callable[..., tuple], body: Callable, rounds: int, host_s
 
 
 def _skip(reason: str):
-    import pytest  # here, not at the top: cpu_compare.py and gpu.sh import this module without pytest
+    import pytest  # imported where a case runs: cpu_compare.py and gpu.sh use this module outside pytest
 
     pytest.skip(reason)
 
 
 def _probe(case: _Case) -> float:
-    """Seconds of one call, which compiles / autotunes / warms caches (the warm-up of the timed rounds).
-    A provider that cannot run here skips the case with the reason."""
+    """Seconds of one call, the warm-up (compiles / autotunes / warms caches); skips what cannot run here."""
     try:
         args = case.setup()
         t0 = time.perf_counter()
@@ -427,8 +425,7 @@ def _probe(case: _Case) -> float:
 
 
 def _time(benchmark, case: _Case, probe_s: float) -> Optional[Dict[float, float]]:
-    """Host clock: about ROUND_BUDGET_S of pytest-benchmark rounds (into ``benchmark.stats``). GPU, unless
-    the mode opts out: also ``device_time``'s {0.2: p20, 0.5: median, 0.8: p80} ms, else None."""
+    """About ROUND_BUDGET_S of host-clock rounds into ``benchmark.stats``; GPU: device_time's ms, else None."""
     # slow cases (the fp32 reference of the fused lm_head: seconds on a CPU) get fewer rounds
     min_rounds = MIN_ROUNDS if probe_s < 0.25 else max(3, MIN_ROUNDS // 2)
     rounds = int(min(MAX_ROUNDS, max(min_rounds, ROUND_BUDGET_S / max(probe_s, 1e-6))))
@@ -449,8 +446,7 @@ def _peak_memory_of(case: _Case) -> Dict[str, int]:
     return {k: max(p.get(k, v) for p in peaks) for k, v in peaks[0].items()}
 
 
-# floor -> (rate, % of ceiling, unit, ceiling): the keys each floor adds, from the host clock and (GPU)
-# with a "device_" prefix from the device clock
+# floor -> the keys it adds (rate, % of ceiling), unit, ceiling; each also "device_"-prefixed on a GPU
 _RATES = {"bytes_floor": ("GBps", "pct_floor", 1e9, "copy_GBps"),
           "flop": ("TFLOPs", "pct_matmul", 1e12, "matmul_TFLOPs")}
 
