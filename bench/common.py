@@ -1,11 +1,8 @@
 """Shared setup of the benchmark suite: shape presets, machine ceilings, timing, peak memory, extra_info.
 
 Every bench file builds a dict of providers (name -> callable or a skip reason) and hands one case to
-``run_case``, which times it in one of three modes and records what the roofline needs:
-
-    forward   the op under no_grad (how old/ref log-probs are computed in RL)
-    backward  only ``torch.autograd.backward(outputs, random upstream grads)``; the forward runs in setup
-    full      forward + backward, what one training step pays
+``run_case``, which times it in one mode of ``MODE_TABLE`` (forward, backward, full, or a training
+step) and records what the roofline needs.
 
 Timing, two clocks:
   host    ``benchmark.pedantic`` with one call per round, the GPU synchronized at the end of every
@@ -289,18 +286,84 @@ class Provider:
     skip_on_error: bool = False
 
 
-def _outputs(out) -> tuple:
-    if isinstance(out, torch.Tensor):
-        return (out,)
-    return tuple(o for o in out if isinstance(o, torch.Tensor))
-
-
 def _percentile(sorted_xs: Sequence[float], q: float) -> float:
     # linear interpolation between closest ranks (numpy's default)
     pos = (len(sorted_xs) - 1) * q
     lo = int(pos)
     hi = min(lo + 1, len(sorted_xs) - 1)
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def _forward_and_upstream(fn, inp) -> tuple:
+    """The tensor outputs of ``fn(**inp)`` that need grads (not counts, detached stats) and random grads."""
+    out = fn(**inp)
+    outs = [o for o in ((out,) if isinstance(out, torch.Tensor) else out)
+            if isinstance(o, torch.Tensor) and o.requires_grad]
+    return outs, [torch.randn_like(o) for o in outs]
+
+
+def _no_grad_forward(fn, inp):
+    with torch.no_grad():
+        return fn(**inp)
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """What one mode of ``run_case`` times; the probe, rounds, clocks and memory are the same for all."""
+    grad: bool  # the inputs are built with make_inputs(requires_grad=grad)
+    prepare: Callable[..., tuple]  # prepare(fn, inputs) -> a round's arguments, built before the clock
+    timed: Callable[..., object]  # timed(fn, *arguments): the clocked work (its return counts in the peak)
+    device_clock: bool = True  # also timed on the GPU's own clock (device_time)
+
+
+MODE_TABLE: Dict[str, ModeSpec] = {
+    # the op under no_grad: how old / ref log-probs are computed in RL
+    "forward": ModeSpec(False, lambda fn, inp: (inp,), _no_grad_forward),
+    # only autograd.backward(outputs, random upstream grads); the forward runs in setup
+    "backward": ModeSpec(True, _forward_and_upstream, lambda fn, outs, grads: torch.autograd.backward(outs, grads)),
+    # forward + backward: what one training step pays for the op
+    "full": ModeSpec(True, lambda fn, inp: (inp,),
+                     lambda fn, inp: torch.autograd.backward(*_forward_and_upstream(fn, inp))),
+    # a whole training step: fn() does its own forward, backward and update (make_inputs returns {}, fn
+    # returns nothing); no device clock, the step's host work (sampling, the loop) is the point
+    "step": ModeSpec(True, lambda fn, inp: (), lambda fn: fn(), device_clock=False),
+}
+
+
+@dataclass
+class _Case:
+    """One provider on one input set in one mode. ``setup()``: a round's arguments (untimed); ``body``:
+    the timed call (what device_time brackets); ``target``: body + the sync the host clock needs."""
+    provider: Provider
+    spec: ModeSpec
+    inputs: Dict[str, torch.Tensor]
+
+    def setup(self, sync: bool = True) -> tuple:
+        if self.provider.fresh:  # it overwrites its inputs: a clone per round
+            inp = {k: (v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+                   for k, v in self.inputs.items()}
+        else:  # the same tensors every round, the last round's grads dropped
+            for t in self.inputs.values():
+                if isinstance(t, torch.Tensor):
+                    t.grad = None
+            inp = self.inputs
+        args = self.spec.prepare(self.provider.fn, inp)
+        if sync:
+            _sync()
+        return args
+
+    def body(self, *args):
+        return self.spec.timed(self.provider.fn, *args)
+
+    def target(self, *args):
+        out = self.body(*args)
+        _sync()
+        return out
+
+    def once(self, measure: Callable[[Callable[[], object]], object]):
+        # measure(call) on one fresh round: peak_memory, count_aten_ops
+        args = self.setup()
+        return measure(lambda: self.target(*args))
 
 
 # do_bench's L2 flush: a 256 MiB write evicts the 50-60 MB L2 of an H100 / H200 before every round
@@ -338,6 +401,86 @@ def device_time(setup: Callable[..., tuple], body: Callable, rounds: int, host_s
     return {q: _percentile(ts, q) for q in (0.2, 0.5, 0.8)}
 
 
+def _skip(reason: str):
+    import pytest  # imported where a case runs: cpu_compare.py and gpu.sh use this module outside pytest
+
+    pytest.skip(reason)
+
+
+def _probe(case: _Case) -> float:
+    """Seconds of one call, the warm-up (compiles / autotunes / warms caches); skips what cannot run here."""
+    try:
+        args = case.setup()
+        t0 = time.perf_counter()
+        case.target(*args)
+        return time.perf_counter() - t0
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        # impl not provided on this device (resolve_impl's ValueError names `impl`) or a peer /
+        # torch.compile that fails here: a skip with the reason, never a silent substitute
+        if case.provider.skip_on_error or (isinstance(e, ValueError) and "impl" in str(e)):
+            _skip(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+        raise
+
+
+def _time(benchmark, case: _Case, probe_s: float) -> Optional[Dict[float, float]]:
+    """About ROUND_BUDGET_S of host-clock rounds into ``benchmark.stats``; GPU: device_time's ms, else None."""
+    # slow cases (the fp32 reference of the fused lm_head: seconds on a CPU) get fewer rounds
+    min_rounds = MIN_ROUNDS if probe_s < 0.25 else max(3, MIN_ROUNDS // 2)
+    rounds = int(min(MAX_ROUNDS, max(min_rounds, ROUND_BUDGET_S / max(probe_s, 1e-6))))
+    # the probe was the warm-up
+    benchmark.pedantic(case.target, setup=lambda: (case.setup(), {}), rounds=rounds, warmup_rounds=0,
+                       iterations=1)
+    if not (ON_GPU and case.spec.device_clock):
+        return None
+    host_median_s = _percentile(sorted(benchmark.stats.stats.data), 0.5)
+    # fewer rounds for slow cases (each round re-runs setup, e.g. a forward)
+    return device_time(case.setup, case.body, min(rounds, 30), host_median_s)
+
+
+def _peak_memory_of(case: _Case) -> Dict[str, int]:
+    # CPU: once in a full suite run a call read ~1/4 of its peak on both counters (allocator and RSS;
+    # not reproducible alone), so the CPU peak is the larger of two measured calls, key by key
+    peaks = [case.once(peak_memory) for _ in range(1 if ON_GPU else 2)]
+    return {k: max(p.get(k, v) for p in peaks) for k, v in peaks[0].items()}
+
+
+# floor -> the keys it adds (rate, % of ceiling), unit, ceiling; each also "device_"-prefixed on a GPU
+_RATES = {"bytes_floor": ("GBps", "pct_floor", 1e9, "copy_GBps"),
+          "flop": ("TFLOPs", "pct_matmul", 1e12, "matmul_TFLOPs")}
+
+
+def _fill_extra_info(benchmark, info: Dict[str, object], mode: str, note: str, dev_ms: Optional[Dict[float, float]],
+                     peak: Dict[str, int], n_ops: Optional[int], floors: Dict[str, Optional[Dict[str, float]]]):
+    """What bench/report.py reads (module docstring), in this order: ``info``, dtype, the host clock,
+    peak memory, the ceilings, the device clock, the provider's note, ``aten_ops``, the floors' rates."""
+    host_s = sorted(benchmark.stats.stats.data)
+    ceil, med = ceilings(), _percentile(host_s, 0.5)
+    ei = benchmark.extra_info
+    ei.update(info)
+    ei.setdefault("dtype", str(DTYPE).replace("torch.", ""))
+    ei.update(mode=mode, rounds=len(host_s), p20_ms=_percentile(host_s, 0.2) * 1e3, median_ms=med * 1e3,
+              p80_ms=_percentile(host_s, 0.8) * 1e3, **peak, copy_GBps=ceil["copy_GBps"],
+              matmul_TFLOPs=ceil["matmul_TFLOPs"])
+    clocks = {"": med}  # key prefix -> seconds per call
+    if dev_ms is not None:
+        ei.update(device_ms=dev_ms[0.5], device_p20_ms=dev_ms[0.2], device_p80_ms=dev_ms[0.8],
+                  overhead_ms=med * 1e3 - dev_ms[0.5])
+        clocks["device_"] = dev_ms[0.5] / 1e3
+    if note:
+        ei["note"] = note
+    if n_ops is not None:
+        ei["aten_ops"] = n_ops
+    for floor_key, per_mode in floors.items():
+        if per_mode is not None:
+            rate_key, pct_key, unit, ceil_key = _RATES[floor_key]
+            work = ei[floor_key] = per_mode[mode]
+            for prefix, seconds in clocks.items():
+                rate = ei[prefix + rate_key] = work / seconds / unit
+                ei[prefix + pct_key] = 100.0 * rate / ceil[ceil_key]
+
+
 def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[str, torch.Tensor]], mode: str,
              *, info: Dict[str, object], bytes_moved: Optional[Dict[str, float]] = None,
              flop: Optional[Dict[str, float]] = None, count_ops: bool = False) -> None:
@@ -347,160 +490,29 @@ def run_case(benchmark, provider: Provider, make_inputs: Callable[[bool], Dict[s
     count_ops: also record ``aten_ops``, the ATen ops with a kernel of one timed call (not for
     compiled providers).
     """
-    import pytest
-
-    if mode not in MODES + ("step",):
-        raise ValueError(f"mode={mode!r} is not one of {MODES + ('step',)}")
-    grad = mode != "forward"
+    if mode not in MODE_TABLE:
+        raise ValueError(f"mode={mode!r} is not one of {tuple(MODE_TABLE)}")
+    spec = MODE_TABLE[mode]
     try:
-        base = make_inputs(grad)
+        base = make_inputs(spec.grad)
     except torch.OutOfMemoryError as e:  # pragma: no cover - GPU only
         _free()
-        pytest.skip(f"OOM building the inputs: {str(e).splitlines()[0]}")
-
-    def leaves():
-        if not provider.fresh:
-            for t in base.values():
-                if isinstance(t, torch.Tensor):
-                    t.grad = None
-            return base
-        return {k: (v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
-                for k, v in base.items()}
-
-    def upstream(outs):
-        return [torch.randn_like(o) for o in outs]
-
-    # setup(sync) builds one round's arguments (untimed); body(*args) is the timed call, without a sync
-    if mode == "step":  # a whole training step: fn() does its own forward, backward and update
-        def setup(sync=True):
-            if sync:
-                _sync()
-            return ()
-
-        def body():
-            provider.fn()
-    elif mode == "forward":
-        def setup(sync=True):
-            inp = leaves()
-            if sync:
-                _sync()
-            return (inp,)
-
-        def body(inp):
-            with torch.no_grad():
-                return provider.fn(**inp)
-    elif mode == "backward":
-        def setup(sync=True):
-            inp = leaves()
-            outs = [o for o in _outputs(provider.fn(**inp)) if o.requires_grad]
-            grads = upstream(outs)
-            if sync:
-                _sync()
-            return (outs, grads)
-
-        def body(outs, grads):
-            torch.autograd.backward(outs, grads)
-    else:
-        def setup(sync=True):
-            inp = leaves()
-            if sync:
-                _sync()
-            return (inp,)
-
-        def body(inp):
-            outs = [o for o in _outputs(provider.fn(**inp)) if o.requires_grad]
-            torch.autograd.backward(outs, upstream(outs))
-
-    def target(*args):
-        out = body(*args)
-        _sync()
-        return out
-
-    def pedantic_setup():
-        return setup(), {}
-
+        _skip(f"OOM building the inputs: {str(e).splitlines()[0]}")
+    case = _Case(provider, spec, base)
     try:
-        # probe: compiles / autotunes / warms caches, and sizes the rounds
-        t0 = time.perf_counter()
-        try:
-            args = setup()
-            t0 = time.perf_counter()
-            target(*args)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:
-            # impl not provided on this device (resolve_impl's ValueError names `impl`) or a peer /
-            # torch.compile that fails here: a skip with the reason, never a silent substitute
-            if provider.skip_on_error or (isinstance(e, ValueError) and "impl" in str(e)):
-                pytest.skip(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
-            raise
-        probe = time.perf_counter() - t0
-        del args
+        probe_s = _probe(case)
         if benchmark.disabled:  # --benchmark-disable: one correctness-style run only
             return
-        # slow cases (the fp32 reference of the fused lm_head: seconds on a CPU) get fewer rounds
-        min_rounds = MIN_ROUNDS if probe < 0.25 else max(3, MIN_ROUNDS // 2)
-        rounds = int(min(MAX_ROUNDS, max(min_rounds, ROUND_BUDGET_S / max(probe, 1e-6))))
-        # the probe was the warm-up
-        benchmark.pedantic(target, setup=pedantic_setup, rounds=rounds, warmup_rounds=0, iterations=1)
-        # device clock: fewer rounds for slow cases (each round re-runs setup, e.g. a forward)
-        dev_ms = None
-        if ON_GPU and mode != "step":  # a training step's host work (sampling, the loop) is the point
-            host = sorted(benchmark.stats.stats.data)
-            dev_ms = device_time(setup, body, min(rounds, 30), _percentile(host, 0.5))
-        args = setup()
-        peak = peak_memory(lambda: target(*args))
-        del args
-        if not ON_GPU:
-            # CPU: once in a full suite run a call read ~1/4 of its peak on both counters (allocator and
-            # RSS; not reproducible alone), so the CPU peak is the larger of two measured calls
-            args = setup()
-            again = peak_memory(lambda: target(*args))
-            del args
-            peak = {k: max(v, again.get(k, v)) for k, v in peak.items()}
-        n_ops = None
-        if count_ops:
-            args = setup()
-            n_ops = count_aten_ops(lambda: target(*args))
-            del args
+        dev_ms = _time(benchmark, case, probe_s)
+        peak = _peak_memory_of(case)
+        n_ops = case.once(count_aten_ops) if count_ops else None
     except torch.OutOfMemoryError as e:  # pragma: no cover - GPU only
-        del base
+        del base, case
         _free()
-        pytest.skip(f"OOM: {str(e).splitlines()[0]}")
-
-    data = sorted(benchmark.stats.stats.data)
-    med = _percentile(data, 0.5)
-    ceil = ceilings()
-    ei = benchmark.extra_info
-    ei.update(info)
-    ei.setdefault("dtype", str(DTYPE).replace("torch.", ""))
-    ei.update(mode=mode, rounds=len(data),
-              p20_ms=_percentile(data, 0.2) * 1e3, median_ms=med * 1e3, p80_ms=_percentile(data, 0.8) * 1e3,
-              **peak, copy_GBps=ceil["copy_GBps"], matmul_TFLOPs=ceil["matmul_TFLOPs"])
-    if dev_ms is not None:
-        ei.update(device_ms=dev_ms[0.5], device_p20_ms=dev_ms[0.2], device_p80_ms=dev_ms[0.8],
-                  overhead_ms=med * 1e3 - dev_ms[0.5])
-    if provider.note:
-        ei["note"] = provider.note
-    if n_ops is not None:
-        ei["aten_ops"] = n_ops
-    if bytes_moved is not None:
-        b = bytes_moved[mode]
-        ei["bytes_floor"] = b
-        ei["GBps"] = b / med / 1e9
-        ei["pct_floor"] = 100.0 * (b / (ceil["copy_GBps"] * 1e9)) / med
-        if dev_ms is not None:
-            ei["device_GBps"] = b / dev_ms[0.5] / 1e6
-            ei["device_pct_floor"] = 100.0 * (b / (ceil["copy_GBps"] * 1e9)) / (dev_ms[0.5] / 1e3)
-    if flop is not None:
-        f = flop[mode]
-        ei["flop"] = f
-        ei["TFLOPs"] = f / med / 1e12
-        ei["pct_matmul"] = 100.0 * ei["TFLOPs"] / ceil["matmul_TFLOPs"]
-        if dev_ms is not None:
-            ei["device_TFLOPs"] = f / dev_ms[0.5] / 1e9
-            ei["device_pct_matmul"] = 100.0 * ei["device_TFLOPs"] / ceil["matmul_TFLOPs"]
-    del base
+        _skip(f"OOM: {str(e).splitlines()[0]}")
+    _fill_extra_info(benchmark, info, mode, provider.note, dev_ms, peak, n_ops,
+                     floors={"bytes_floor": bytes_moved, "flop": flop})
+    del base, case
     _free()
 
 
