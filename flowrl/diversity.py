@@ -1,7 +1,9 @@
-"""Diversity of a policy's answers: the quantities FlowRL claims to preserve (docs/flowrl.md).
+"""Answer-diversity METRICS of a policy: the quantities FlowRL claims to preserve (docs/flowrl.md).
 
-Pure functions over extracted answers (strings, or None when a response has no parsable answer), so
-evaluation (flowrl/train.py) and the diversity experiment (flowrl/experiments/) share one definition.
+Pure functions over extracted answers (strings, or None when a response has no parsable answer), so the
+trainer's evaluation (flowrl/train.py) and the FlowRL-vs-GRPO experiment share one definition. The
+experiment itself (tasks, training drivers, tables) is ``flowrl/experiments/flowrl_vs_grpo.py``, not
+this module.
 
 - ``distinct_correct``: mean number of distinct correct answers per *solved* prompt (the paper's simple
   diversity measure); prompts with no correct sample are left out, so a policy is not rewarded for

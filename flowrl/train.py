@@ -204,7 +204,7 @@ def update_policy(step, cfg, env, policy, ref, batch, r_hat, opt, sched):
     ``t_lp`` (clock after the reference / old log-prob forwards) and the trainer's log-probs of the sampling
     policy for the vLLM gap metric (``trainer_old`` when recomputed, else ``first_logp``, the first
     forward's). No host sync per micro-batch: one per optimizer step (the skip decision).
-    flowrl.experiments.diversity calls it too."""
+    flowrl.experiments.flowrl_vs_grpo calls it too."""
     B, mask = len(batch), batch.response_mask
     mini = cfg.train.mini_batch_size or B
     micro = min(cfg.train.micro_batch_size, mini)

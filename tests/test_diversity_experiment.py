@@ -1,17 +1,23 @@
-"""flowrl/diversity.py on hand-made inputs, and the diversity experiment (flowrl/experiments/diversity.py):
-exact metrics of hand-built answer distributions against values computed by hand, the enumeration
-against the model's own logits, and a few-step smoke run of the tiny setting."""
+"""flowrl/diversity.py (the metrics) on hand-made inputs, and the FlowRL-vs-GRPO experiment
+(flowrl/experiments/flowrl_vs_grpo.py, its report flowrl_vs_grpo_report.py): exact metrics of hand-built
+answer distributions against values computed by hand, the enumeration against the model's own logits, a
+few-step smoke run of the tiny setting, and the deprecated alias flowrl/experiments/diversity.py."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from flowrl import diversity
-from flowrl.experiments import diversity as exp
+from flowrl.experiments import flowrl_vs_grpo as exp
+from flowrl.experiments import flowrl_vs_grpo_report as report
 from flowrl.model import tiny_tokenizer
 
 MAL = exp.MALFORMED
@@ -153,7 +159,7 @@ def test_tiny_setting_smoke(tmp_path):
     res = exp.main(["tiny", "--seeds", "0", "--steps", "2", "--eval-every", "1", "--pretrain-steps", "3",
                     "--eval-samples", "4", "--layers", "1", "--hidden", "16", "--out", str(tmp_path), "--no-plots",
                     "--methods", "flowrl", "grpo", "flowrl-raw", "--schedules", "1x1", "2x2"])
-    assert [exp.label(r) for r in res["runs"]] == ["flowrl", "grpo", "flowrl-raw", "flowrl 2x2", "grpo 2x2",
+    assert [report.label(r) for r in res["runs"]] == ["flowrl", "grpo", "flowrl-raw", "flowrl 2x2", "grpo 2x2",
                                                    "flowrl-raw 2x2"]
     for r in res["runs"]:
         assert [h["step"] for h in r["history"]] == [0, 1, 2]
@@ -180,14 +186,14 @@ def test_table_paired_row():
            ("grpo", 2): 0.3}
     runs = [{"algo": a, "seed": s, "history": [{"step": 0, "acc": 0.0}, {"step": 5, "acc": v}]}
             for (a, s), v in acc.items()]
-    md = exp.table({"runs": runs}).splitlines()
+    md = report.table({"runs": runs}).splitlines()
     assert md[2].startswith("| flowrl (n=3) | 0.567 ± 0.306 |")  # mean 1.7 / 3, sample std 0.306
     assert md[3].startswith("| grpo (n=3) | 0.300 ± 0.100 |")
     # differences +0.3, -0.1, +0.6: mean 0.267, sample std 0.351, s.e. 0.351 / sqrt(3) = 0.203, 2 of 3 > 0;
     # 95% t-interval with 2 d.o.f.: 0.2667 ± 4.3027 * 0.2028 = [-0.606, +1.139] (contains 0: not bold)
     assert md[4].endswith("| +0.267 ± 0.203 [-0.606, +1.139] (2/3) |"), md[4]
     # one method only: no paired row
-    assert len(exp.table({"runs": [r for r in runs if r["algo"] == "flowrl"]}).splitlines()) == 3
+    assert len(report.table({"runs": [r for r in runs if r["algo"] == "flowrl"]}).splitlines()) == 3
 
 
 def test_table_pairs_within_a_schedule_and_bolds_intervals_that_exclude_zero():
@@ -200,7 +206,7 @@ def test_table_pairs_within_a_schedule_and_bolds_intervals_that_exclude_zero():
                 runs.append({"algo": algo, "seed": seed, "schedule": sch, "train_mean": {"train_x": base},
                              "history": [{"step": 3, "kl": base + shift + noise * (algo != "grpo"),
                                           "train_kl": 99.0}]})  # window means of the last eval: not a column
-    md = exp.table({"runs": runs}).splitlines()
+    md = report.table({"runs": runs}).splitlines()
     assert md[0] == "| method | kl | train_x |"
     rows = {line.split(" |")[0][2:]: line for line in md[2:]}
     assert rows["flowrl 4x2 (n=3)"] == "| flowrl 4x2 (n=3) | 1.507 ± 0.025 | 1.000 ± 0.000 |"
@@ -210,7 +216,7 @@ def test_table_pairs_within_a_schedule_and_bolds_intervals_that_exclude_zero():
     assert "**-0.493 ± 0.015 [-0.556, -0.431] (0/3)**" in rows[f"flowrl-noclip 4x2 - grpo 4x2, {paired}"]
     assert len(rows) == 5 + 3  # 5 groups; flowrl 1x1, flowrl 4x2, flowrl-noclip 4x2 against GRPO
     # kind="all": + the variant against plain FlowRL, + each method against itself on-policy
-    rows = {line.split(" |")[0][2:]: line for line in exp.table({"runs": runs}, kind="all").splitlines()[2:]}
+    rows = {line.split(" |")[0][2:]: line for line in report.table({"runs": runs}, kind="all").splitlines()[2:]}
     assert len(rows) == 5 + 3 + 1 + 2
     assert "| **-1.000 ± 0.000 [-1.000, -1.000] (0/3)** |" in rows[f"flowrl-noclip 4x2 - flowrl 4x2, {paired}"]
     one = "**+1.000 ± 0.000 [+1.000, +1.000] (3/3)**"  # 4x2 - 1x1 of GRPO: +1 in kl and train_x, every seed
@@ -219,11 +225,11 @@ def test_table_pairs_within_a_schedule_and_bolds_intervals_that_exclude_zero():
 
 def test_t_quantile_and_schedules():
     for df, t in ((1, 12.7062), (2, 4.3027), (9, 2.2622), (19, 2.0930), (29, 2.0452)):  # standard t tables
-        assert exp.t_quantile(df) == pytest.approx(t, abs=1e-4)
-    assert exp.parse_schedule("4x2") == (4, 2) and exp.parse_schedule("1X1") == (1, 1)
+        assert report.t_quantile(df) == pytest.approx(t, abs=1e-4)
+    assert report.parse_schedule("4x2") == (4, 2) and report.parse_schedule("1X1") == (1, 1)
     for bad in ("4", "0x2", "ax2"):
         with pytest.raises(Exception, match="schedule"):
-            exp.parse_schedule(bad)
+            report.parse_schedule(bad)
     args = exp.parse_args(["tiny", "--schedules", "2x3"])  # 8 prompts x 8: 3 mini-batches do not split it
     with pytest.raises(ValueError, match="--schedules 2x3: 3 mini-batches"):
         exp.make_config(args, "flowrl", 0, args.schedules[0])
@@ -276,22 +282,60 @@ def test_from_json_merges_runs_saved_by_separate_processes(tmp_path):
     md = (tmp_path / "out" / "diversity_countdown_table.md").read_text().splitlines()
     assert md[2].startswith("| flowrl (n=2) | 0.300 ± 0.141 |") and md[3].startswith("| grpo (n=2) | 0.150 ± 0.071 |")
     with pytest.raises(ValueError, match="already in an earlier file"):
-        exp.load_runs([a, a], "countdown")
+        report.load_runs([a, a], "countdown")
     other = json.loads(Path(a).read_text())  # the same seed at another update schedule is a different run
     for r in other["runs"]:
         r["schedule"] = "4x2"
     (tmp_path / "s0_4x2.json").write_text(json.dumps(other))
-    assert len(exp.load_runs([a, str(tmp_path / "s0_4x2.json")], "countdown")["runs"]) == 4
+    assert len(report.load_runs([a, str(tmp_path / "s0_4x2.json")], "countdown")["runs"]) == 4
     with pytest.raises(ValueError, match="expected 'tiny'"):
-        exp.load_runs([a], "tiny")
+        report.load_runs([a], "tiny")
 
 
 def test_offpolicy_grid_script_parses(tmp_path):
     """flowrl/experiments/offpolicy_grid.sh: valid bash, and a bad PART stops before any run."""
-    import subprocess
     script = Path(exp.__file__).with_name("offpolicy_grid.sh")
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     res = subprocess.run(["bash", str(script)], env={"PART": "nope", "OUT": str(tmp_path), "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True)
     assert res.returncode == 2 and "PART=nope: use all, main, ablations, headline or weights" in res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# every public name of flowrl/experiments/diversity.py before issue 25 renamed it
+OLD_PUBLIC_NAMES = (
+    "COLORS", "CPU", "DigitSumTask", "LINESTYLES", "MALFORMED", "MALFORMED_FLOOR", "METHODS", "SUMMARY_KEYS",
+    "TRAIN_KEYS", "answer_distributions", "build_policy", "contrasts", "digit_weights", "exact_metrics", "final",
+    "fmt", "histogram", "label", "load_runs", "main", "make_config", "paired", "parse_args", "parse_schedule",
+    "plot", "plot_schedules", "pretrain", "rl_step", "run_countdown", "run_tiny", "sampled_metrics",
+    "schedule_of", "t_quantile", "table", "train_means")
+
+
+def test_deprecated_alias_warns_once_and_reexports_the_same_objects():
+    """``from flowrl.experiments import diversity`` (the experiment's old name) still works: one
+    DeprecationWarning naming the new module, and every old public name is the renamed modules' object."""
+    sys.modules.pop("flowrl.experiments.diversity", None)
+    with pytest.warns(DeprecationWarning, match="flowrl.experiments.flowrl_vs_grpo"):
+        shim = importlib.import_module("flowrl.experiments.diversity")
+    for name in OLD_PUBLIC_NAMES:
+        owner = exp if hasattr(exp, name) else report
+        assert getattr(shim, name) is getattr(owner, name), name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        importlib.import_module("flowrl.experiments.diversity")  # imported already: no second warning
+
+
+def test_deprecated_alias_runs_as_a_script(tmp_path):
+    """``python -m flowrl.experiments.diversity`` runs the experiment's main (here --from-json) and shows
+    the warning (the default filters show a DeprecationWarning raised in __main__)."""
+    runs = [{"algo": a, "seed": 0, "history": [{"step": 0, "accuracy": 0.0}, {"step": 4, "accuracy": v}]}
+            for a, v in (("flowrl", 0.4), ("grpo", 0.2))]
+    (tmp_path / "s0.json").write_text(json.dumps({"setting": "countdown", "args": {"seeds": [0]}, "runs": runs}))
+    root = Path(exp.__file__).parents[2]
+    res = subprocess.run([sys.executable, "-m", "flowrl.experiments.diversity", "countdown", "--from-json",
+                          str(tmp_path / "s0.json"), "--out", str(tmp_path / "out"), "--no-plots"],
+                         cwd=root, capture_output=True, text=True, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr
+    assert "DeprecationWarning" in res.stderr and "flowrl.experiments.flowrl_vs_grpo" in res.stderr
+    assert (tmp_path / "out" / "diversity_countdown_table.md").read_text().splitlines()[2].startswith(
+        "| flowrl (n=1) | 0.400 ± 0.000 |")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 17's grid (docs/diversity.md, "Off-policy"): setting 1 (tiny) of flowrl.experiments.diversity with
+# Issue 17's grid (docs/diversity.md, "Off-policy"): setting 1 (tiny) of flowrl.experiments.flowrl_vs_grpo with
 # 1, 2, 4, 8 optimizer updates per rollout batch, FlowRL vs GRPO, plus FlowRL ablations at 4 epochs x 2
 # mini-batches, 100 rollout batches each (the on-policy table's 300 would take ~2.5 h on 2 idle cores; by
 # step 100 every off-policy run has collapsed). One process per cell and seed chunk (a crash loses one
@@ -76,7 +76,7 @@ run_cell() {  # NAME SCHEDULE METHODS(comma) SEEDS(comma)
     local dir=$OUT/$1 t0=$SECONDS
     if [ -f "$dir/diversity_tiny.json" ]; then echo "[grid] $1: done before, skipped"; return 0; fi
     mkdir -p "$dir"
-    if "$PYTHON" -m flowrl.experiments.diversity tiny --threads 1 --no-plots --steps "$STEPS" --schedules "$2" \
+    if "$PYTHON" -m flowrl.experiments.flowrl_vs_grpo tiny --threads 1 --no-plots --steps "$STEPS" --schedules "$2" \
             --methods ${3//,/ } --seeds ${4//,/ } --out "$dir" $EXTRA > "$dir/log.txt" 2>&1; then
         echo "[grid] $1: $((SECONDS - t0)) s"
     else
@@ -95,7 +95,7 @@ wall=$((SECONDS - t0))
 echo "[grid] ${#cells[@]} cells in $wall s"
 # merge every finished cell of the draw (OUT is the draw's folder: a draw run in several PARTs is one file)
 jsons=("$OUT"/*/diversity_tiny.json)
-"$PYTHON" -m flowrl.experiments.diversity tiny --from-json "${jsons[@]}" --out "$DOCS" --name "$NAME" \
+"$PYTHON" -m flowrl.experiments.flowrl_vs_grpo tiny --from-json "${jsons[@]}" --out "$DOCS" --name "$NAME" \
     $([ "$PLOTS" = 1 ] || echo --no-plots)
 "$PYTHON" -m flowrl.experiments.offpolicy_report stamp "$DOCS/diversity_$NAME.json" --draw "$DRAW" --part "$PART" \
     --wall-s "$wall" --parallel "$PARALLEL" --commit "$COMMIT" --started "$STARTED" --cells "${jsons[@]}"

@@ -42,7 +42,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from flowrl.experiments import diversity as exp
+from flowrl.experiments import flowrl_vs_grpo_report as vs_report
+from flowrl.experiments.flowrl_vs_grpo_report import t_interval
 
 COLLAPSE_KEY = "exact_malformed"
 # bimodal in practice: of the 160 off-policy runs of draw 1, 9 end above 0.55 (7 of them > 0.95) and 4
@@ -71,21 +72,6 @@ Cell = Tuple[str, str]  # (schedule, method)
 # ----------------------------------------------------------------------------------------------------
 # statistics
 # ----------------------------------------------------------------------------------------------------
-def t_interval(diffs: Sequence[float], level: float = 0.95) -> Dict[str, float]:
-    """Mean, standard error and the two-sided t-interval (n - 1 d.o.f.) of ``diffs``, and # > 0.
-
-    n = 1 gives an infinite interval (no spread to estimate), n = 0 a ValueError."""
-    n = len(diffs)
-    if n == 0:
-        raise ValueError("t_interval: no differences (no seed holds both cells); run the missing cells first.")
-    m = statistics.fmean(diffs)
-    if n == 1:
-        return {"n": 1, "mean": m, "se": math.inf, "lo": -math.inf, "hi": math.inf, "pos": int(diffs[0] > 0)}
-    se = statistics.stdev(diffs) / math.sqrt(n)
-    half = exp.t_quantile(n - 1, 0.5 + level / 2) * se
-    return {"n": n, "mean": m, "se": se, "lo": m - half, "hi": m + half, "pos": sum(d > 0 for d in diffs)}
-
-
 def prediction_interval(diffs: Sequence[float], m: int = 10, level: float = 0.95) -> Tuple[float, float]:
     """Where the mean of m NEW seeds' differences should land: mean ± t(n - 1) * s * sqrt(1/n + 1/m).
 
@@ -95,7 +81,7 @@ def prediction_interval(diffs: Sequence[float], m: int = 10, level: float = 0.95
     if n < 2 or m < 1:
         raise ValueError(f"prediction_interval: {n} differences, m={m}; need n >= 2 and m >= 1.")
     mean = statistics.fmean(diffs)
-    half = exp.t_quantile(n - 1, 0.5 + level / 2) * statistics.stdev(diffs) * math.sqrt(1 / n + 1 / m)
+    half = vs_report.t_quantile(n - 1, 0.5 + level / 2) * statistics.stdev(diffs) * math.sqrt(1 / n + 1 / m)
     return mean - half, mean + half
 
 
@@ -129,7 +115,7 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> Tuple[float, float]:
 # ----------------------------------------------------------------------------------------------------
 def pool(draws: Dict[str, dict]) -> Dict[Tuple[str, str, int], dict]:
     """{(schedule, method, seed): {"draw", "final"}} over every draw's runs (``draws``: name -> merged
-    results of ``diversity.load_runs``). ValueError when two draws share a seed (not disjoint)."""
+    results of ``flowrl_vs_grpo_report.load_runs``). ValueError when two draws share a seed (not disjoint)."""
     seeds_of = {name: {r["seed"] for r in res["runs"]} for name, res in draws.items()}
     names = list(draws)
     for i, a in enumerate(names):
@@ -140,7 +126,7 @@ def pool(draws: Dict[str, dict]) -> Dict[Tuple[str, str, int], dict]:
     runs = {}
     for name, res in draws.items():
         for r in res["runs"]:
-            runs[(exp.schedule_of(r), r["algo"], r["seed"])] = {"draw": name, "final": exp.final(r)}
+            runs[(vs_report.schedule_of(r), r["algo"], r["seed"])] = {"draw": name, "final": vs_report.final(r)}
     return runs
 
 
@@ -211,7 +197,7 @@ def report(draws: Dict[str, dict], cells: Sequence[Cell] = tuple(CELL_NAMES),
     for d, r in draws.items():
         res["draws"][d] = {"seeds": sorted({x["seed"] for x in r["runs"]}), "files": r.get("files", []),
                            "grid": r.get("grid"), "kernels_impl": r.get("kernels_impl"),
-                           "cells": {exp.label(x) for x in r["runs"]}}
+                           "cells": {vs_report.label(x) for x in r["runs"]}}
         res["draws"][d]["cells"] = sorted(res["draws"][d]["cells"])
     for c in present:
         row = {"cell": list(c), "all": {}, "kept": {}}
@@ -248,7 +234,7 @@ def holdout(draws: Dict[str, dict], held: str, contrasts: Sequence[tuple] = CONT
             diffs_mean, n_new = mine["all"]["mean"], mine["all"]["n"]
             # prediction_interval of the other draws' differences, their sample std s = se * sqrt(n)
             se, n = got["all"]["se"], got["all"]["n"]
-            half = exp.t_quantile(n - 1) * se * math.sqrt(n) * math.sqrt(1 / n + 1 / n_new)
+            half = vs_report.t_quantile(n - 1) * se * math.sqrt(n) * math.sqrt(1 / n + 1 / n_new)
             pred = (got["all"]["mean"] - half, got["all"]["mean"] + half)
             rows.append({"cells": [list(x) for x in cs], "key": key, "held": held, "mean": diffs_mean, "n": n_new,
                          "ci": [got["all"]["lo"], got["all"]["hi"]], "pred": list(pred),
@@ -415,7 +401,7 @@ def load_draws(specs: Sequence[str]) -> Dict[str, dict]:
     draws = {}
     for name, paths in files.items():
         grids = [json.loads(Path(p).read_text()).get("grid") for p in paths]
-        res = exp.load_runs(paths, "tiny")
+        res = vs_report.load_runs(paths, "tiny")
         res["files"] = paths
         res["grid"] = grids[0] if len(paths) == 1 else None
         draws[name] = res
