@@ -14,7 +14,7 @@ import torch
 
 from flowrl_kernels import native_available
 from flowrl_kernels.ops import configs
-from flowrl_kernels.ops import linear_token_logprobs as L
+from flowrl_kernels.ops import _linear_triton as L  # linear_token_logprobs's Triton path, which reads these
 from flowrl_kernels.ops import token_logprobs as T
 
 ROOT = Path(__file__).resolve().parents[1]

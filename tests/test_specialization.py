@@ -29,9 +29,9 @@ from sm_codegen import run_script
 EXPECTED = {
     "_token_logprobs_fwd_kernel": "token_logprobs",
     "_token_logprobs_bwd_kernel": "token_logprobs",
-    "_linear_logprobs_fwd_kernel": "linear_token_logprobs",
-    "_linear_logprobs_merge_kernel": "linear_token_logprobs",
-    "_linear_logprobs_bwd_kernel": "linear_token_logprobs",
+    "_linear_logprobs_fwd_kernel": "_linear_triton",
+    "_linear_logprobs_merge_kernel": "_linear_triton",
+    "_linear_logprobs_bwd_kernel": "_linear_triton",
     "_flowrl_loss_fwd_kernel": "flowrl_loss",
     "_flowrl_loss_bwd_kernel": "flowrl_loss",
 }
@@ -118,7 +118,7 @@ SCENARIOS = [
     ("iw_sequence_mean", False, lambda: iw("sequence_mean", torch.float32)),
 ]
 
-import flowrl_kernels.ops.linear_token_logprobs as L
+import flowrl_kernels.ops._linear_triton as L  # linear_token_logprobs's Triton path (reads triton_interpret)
 
 def lin_interp():
     real = L.triton_interpret
