@@ -127,6 +127,8 @@ def lin_interp():
         lin(torch.float32, 20, 16, 70, True)
     finally:
         L.triton_interpret = real
+    # the patch reached the launchers (they read triton_interpret in _linear_triton): interpreter tiles
+    assert any(s == "lin_fp32_interp_tiles" and k.get("BLOCK_N") == L._INTERP_BLOCK_N for _, s, _, k in log)
 
 def lin_tf32():
     m = torch.backends.cuda.matmul
