@@ -5,6 +5,7 @@
     entropy = -sum_j p_j log p_j,  p = softmax(x)
 
 Spec: ``flowrl_kernels.reference.linear_token_logprobs`` (naive: full logits, then log-softmax).
+
 Two paths behind one autograd.Function (``LinearTokenLogprobsFunction``), whose forward and backward only
 pick one:
 - Triton (``impl="triton"``, the CUDA default): ``ops/_linear_triton.py``, this op's private module (its
@@ -24,6 +25,7 @@ import torch
 
 from .._utils import (check_int, check_labels_in_range, check_same_device, check_temperature, check_tensor,
                       resolve_impl, triton_interpret)  # noqa: F401 (triton_interpret: importable from here before)
+# _mm_acc: the fp32-accumulating matmul that both paths' backward use
 from ._linear_triton import _mm_acc, _triton_backward, _triton_chunk_rows, _triton_forward_op
 # Re-exported: tests, bench/ and scripts/ imported these from this module before the Triton path moved to
 # _linear_triton.py. Reading them here works; a monkeypatch must target _linear_triton, where they are read.
