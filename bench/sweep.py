@@ -33,7 +33,7 @@ else:
 os.environ["FLOWRL_KERNELS_POISON"] = "0"
 
 from flowrl_kernels.ops import configs  # noqa: E402
-from flowrl_kernels.ops import linear_token_logprobs as L  # noqa: E402
+from flowrl_kernels.ops import _linear_triton as L  # noqa: E402 (linear_token_logprobs's Triton path)
 from flowrl_kernels.ops import token_logprobs as T  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")

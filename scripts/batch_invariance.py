@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # `python scripts/batch_invariance.py` from anywh
 
 import flowrl_kernels as fk  # noqa: E402
 from flowrl_kernels.ops import configs  # noqa: E402
-from flowrl_kernels.ops import linear_token_logprobs as L  # noqa: E402
+from flowrl_kernels.ops import _linear_triton as L  # noqa: E402 (linear_token_logprobs's Triton path)
 
 # batch sizes per size; V odd (no multiple of a tile or vector width), H odd-ish
 SIZES = {

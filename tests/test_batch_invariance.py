@@ -14,7 +14,7 @@ import torch
 
 from flowrl_kernels import native_available
 from flowrl_kernels.ops import configs
-from flowrl_kernels.ops import linear_token_logprobs as L
+from flowrl_kernels.ops import _linear_triton as L  # linear_token_logprobs's Triton path, which reads these
 from flowrl_kernels.ops import token_logprobs as T
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,11 +89,20 @@ NS_LAUNCH = (1, 2, 3, 7, 16, 63, 64, 65, 127, 128, 129, 1000, 1024, 4099, 8192, 
 
 def _gpu_launch(monkeypatch, arch: str, sms: int):
     """L._fwd_launch as on a CUDA device of ``arch`` with ``sms`` SMs (pure Python: nothing launches)."""
+    sm_reads = []
     monkeypatch.setattr(L, "triton_interpret", lambda: False)
-    monkeypatch.setattr(L, "_sm_count", lambda index: sms)
+    monkeypatch.setattr(L, "_sm_count", lambda index: sm_reads.append(index) or sms)
     monkeypatch.setattr(configs, "arch_of", lambda device: arch)
     monkeypatch.setattr(L, "_dot_precision", lambda dtype: "ieee")  # no CUDA: torch's fp32 setting unreadable
-    return lambda N, V, dtype: L._fwd_launch(N, V, dtype, torch.device("cuda", 0))
+
+    def launch(N, V, dtype):
+        n = len(sm_reads)
+        cfg = L._fwd_launch(N, V, dtype, torch.device("cuda", 0))
+        # the GPU branch ran: a patch of a module the launcher does not read from would leave the
+        # interpreter's tiles and splits, which are N-independent anyway (the tests would pass vacuously)
+        assert len(sm_reads) > n, "the launcher did not read the patched _sm_count"
+        return cfg
+    return launch
 
 
 @pytest.mark.parametrize("arch, sms", [("sm90", 132), ("sm90", 114), ("sm80", 108)])

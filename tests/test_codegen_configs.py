@@ -21,7 +21,7 @@ _SCRIPT = r'''
 import json
 import torch
 from flowrl_kernels.ops import configs
-import flowrl_kernels.ops.linear_token_logprobs as L
+import flowrl_kernels.ops._linear_triton as L  # the Triton path of linear_token_logprobs
 import flowrl_kernels.ops.token_logprobs as T
 from sm_codegen import compile_kernel, emit, inspect_cubin, linear_types, token_logprobs_types
 

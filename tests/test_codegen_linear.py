@@ -13,7 +13,7 @@ from sm_codegen import run_script
 
 _SCRIPT = r'''
 import torch
-import flowrl_kernels.ops.linear_token_logprobs as M
+import flowrl_kernels.ops._linear_triton as M  # the Triton path of linear_token_logprobs
 from sm_codegen import compile_kernel, emit, inspect_cubin, linear_types
 TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 ALIGNED_INTS = {"H", "stride_hn", "stride_wv", "stride_dzn"}

@@ -14,7 +14,7 @@ import torch
 import flowrl_kernels as fk
 import flowrl_kernels.ops._common as common_mod
 import flowrl_kernels.ops.flowrl_loss as fl_mod
-import flowrl_kernels.ops.linear_token_logprobs as lin_mod
+import flowrl_kernels.ops._linear_triton as lin_mod  # linear_token_logprobs's Triton path (kernels, launchers)
 import flowrl_kernels.ops.token_logprobs as tlp_mod
 from flowrl_kernels import _utils
 from flowrl_kernels._utils import native_available, native_has, resolve_impl

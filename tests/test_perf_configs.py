@@ -7,6 +7,7 @@ import torch
 
 from flowrl_kernels import reference
 from flowrl_kernels.ops import configs
+from flowrl_kernels.ops import _linear_triton as LT  # linear_token_logprobs's Triton path
 from flowrl_kernels.ops import linear_token_logprobs as L
 from helpers import assert_no_worse_than_torch
 
@@ -49,17 +50,17 @@ def _makespan(rows, tiles, slots, splits, per):
 @pytest.mark.parametrize("rows, tiles, slots", [(64, 594, 132), (32, 1188, 132), (1, 1188, 132), (2, 7, 132),
                                                 (33, 385, 108), (128, 1002, 132), (3, 1, 4)])
 def test_balanced_splits_optimal(rows, tiles, slots):
-    splits, per = L._balanced_splits(rows, tiles, slots)
+    splits, per = LT._balanced_splits(rows, tiles, slots)
     assert splits * per >= tiles and (splits - 1) * per < tiles  # covers every tile, no empty split
     best = min(_makespan(rows, tiles, slots, -(-tiles // -(-tiles // s)), -(-tiles // s))
-               for s in range(1, min(tiles, max(1, L._MAX_WAVES * slots // rows)) + 1))
+               for s in range(1, min(tiles, max(1, LT._MAX_WAVES * slots // rows)) + 1))
     assert _makespan(rows, tiles, slots, splits, per) == best
 
 
 def test_balanced_splits_headline():
     # Qwen2.5-7B, N=8192 on an H200 (132 SMs), 128 x 128 tiles: 64 row blocks x 33 splits of 36 tiles =
     # 2112 programs = 16 full waves, the lower bound 64 * 1188 / 132 = 576 tiles per slot
-    splits, per = L._balanced_splits(64, 1188, 132)
+    splits, per = LT._balanced_splits(64, 1188, 132)
     assert (splits, per) == (33, 36)
     assert _makespan(64, 1188, 132, splits, per) * 132 == 64 * 1188
 
@@ -69,13 +70,13 @@ def test_tiles_shrink_for_few_rows(monkeypatch):
     cpu = torch.device("cpu")
     big = configs.TABLE["sm90"]["linear_fwd"]["16bit"]
     # batch-invariant (default): the forward's tile never follows N; the backward's still shrinks
-    assert all(L._tiles(n, 152064, torch.bfloat16, cpu) == big for n in (1, 40, 100, 8192))
-    assert L._tiles(40, 152064, torch.bfloat16, cpu, "linear_bwd")["BLOCK_N"] == 64
+    assert all(LT._tiles(n, 152064, torch.bfloat16, cpu) == big for n in (1, 40, 100, 8192))
+    assert LT._tiles(40, 152064, torch.bfloat16, cpu, "linear_bwd")["BLOCK_N"] == 64
     monkeypatch.setattr(configs, "_BATCH_INVARIANT", False)  # the N-tuned launch
-    assert L._tiles(8192, 152064, torch.bfloat16, cpu) == big
-    assert L._tiles(100, 152064, torch.bfloat16, cpu)["BLOCK_N"] == min(big["BLOCK_N"], 128)
-    assert L._tiles(40, 152064, torch.bfloat16, cpu) == configs.TABLE["sm90"]["linear_fwd_small_n"]["16bit"]
-    assert L._tiles(40, 152064, torch.bfloat16, cpu, "linear_bwd")["BLOCK_N"] == 64
+    assert LT._tiles(8192, 152064, torch.bfloat16, cpu) == big
+    assert LT._tiles(100, 152064, torch.bfloat16, cpu)["BLOCK_N"] == min(big["BLOCK_N"], 128)
+    assert LT._tiles(40, 152064, torch.bfloat16, cpu) == configs.TABLE["sm90"]["linear_fwd_small_n"]["16bit"]
+    assert LT._tiles(40, 152064, torch.bfloat16, cpu, "linear_bwd")["BLOCK_N"] == 64
 
 
 def test_torch_chunk_rows(monkeypatch):
@@ -135,7 +136,7 @@ def test_vocab_chunked_backward_labels(ignore_index, device):
         labels[labels == ignore_index] = 5
     labels[6:9] = ignore_index
     labels = labels.to(device)
-    assert L._vocab_chunk(N, V, 4) == 16
+    assert LT._vocab_chunk(N, V, 4) == 16
     g_logp, g_ent = torch.randn(N, generator=g).to(device), torch.randn(N, generator=g).to(device)
 
     def grads(fn, cast=None, **kw):
@@ -168,7 +169,7 @@ def test_vocab_chunks_sum_dhidden_once(dtype, device):
     weight = (torch.randn(V, H, generator=g) / 4).to(device, dtype)
     labels = torch.randint(0, V, (N,), generator=g).to(device)
     g_logp = torch.randn(N, generator=g).to(device)
-    assert L._vocab_chunk(N, V, 1) == V // 32 and L._vocab_chunk(N, V, N) == V
+    assert LT._vocab_chunk(N, V, 1) == V // 32 and LT._vocab_chunk(N, V, N) == V
 
     def d_hidden(chunk_size):
         h = hidden.detach().clone().requires_grad_(True)

@@ -29,9 +29,9 @@ from sm_codegen import run_script
 EXPECTED = {
     "_token_logprobs_fwd_kernel": "token_logprobs",
     "_token_logprobs_bwd_kernel": "token_logprobs",
-    "_linear_logprobs_fwd_kernel": "linear_token_logprobs",
-    "_linear_logprobs_merge_kernel": "linear_token_logprobs",
-    "_linear_logprobs_bwd_kernel": "linear_token_logprobs",
+    "_linear_logprobs_fwd_kernel": "_linear_triton",
+    "_linear_logprobs_merge_kernel": "_linear_triton",
+    "_linear_logprobs_bwd_kernel": "_linear_triton",
     "_flowrl_loss_fwd_kernel": "flowrl_loss",
     "_flowrl_loss_bwd_kernel": "flowrl_loss",
 }
@@ -118,7 +118,7 @@ SCENARIOS = [
     ("iw_sequence_mean", False, lambda: iw("sequence_mean", torch.float32)),
 ]
 
-import flowrl_kernels.ops.linear_token_logprobs as L
+import flowrl_kernels.ops._linear_triton as L  # linear_token_logprobs's Triton path (reads triton_interpret)
 
 def lin_interp():
     real = L.triton_interpret
@@ -127,6 +127,8 @@ def lin_interp():
         lin(torch.float32, 20, 16, 70, True)
     finally:
         L.triton_interpret = real
+    # the patch reached the launchers (they read triton_interpret in _linear_triton): interpreter tiles
+    assert any(s == "lin_fp32_interp_tiles" and k.get("BLOCK_N") == L._INTERP_BLOCK_N for _, s, _, k in log)
 
 def lin_tf32():
     m = torch.backends.cuda.matmul
