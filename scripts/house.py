@@ -22,6 +22,8 @@ PACKAGES = ("flowrl_kernels", "flowrl")
 LONG_ROOM = 600
 REASON = "Why this file is long:"
 REASON_WITHIN = 40
+# ops/ modules that are shared plumbing, not ops (tests/test_import_graph.py::SHARED holds the same list)
+OPS_PLUMBING = ("_common", "configs")
 
 
 def module_name(path: pathlib.Path, root: pathlib.Path = ROOT) -> str:
@@ -150,6 +152,12 @@ def draw(root: pathlib.Path = ROOT) -> str:
         for level in sorted(set(fl.values()), reverse=True):
             names = [m.split(".", 1)[1] if "." in m else "__init__" for m, f in fl.items() if f == level]
             text.append(f"  floor {level}: " + ", ".join(names))
+        if package == "flowrl_kernels":  # the ops alone, standing on the shared plumbing (ops/_common.py etc.)
+            ops = {m for m in g if m.startswith("flowrl_kernels.ops.") and m.split(".")[-1] not in OPS_PLUMBING}
+            op_floors = floors(g, among=ops)
+            for level in sorted(set(op_floors.values()), reverse=True):
+                names = [m.split(".")[-1] for m, f in op_floors.items() if f == level]
+                text.append(f"  ops alone, floor {level}: " + ", ".join(names))
         up = runs_back_up(package, root)
         text.append("  imports running back up: " + ("; ".join(up) if up else "none"))
         long = long_rooms(package, root)
