@@ -1,6 +1,7 @@
 """Draw the house: the import graph of flowrl_kernels/ and flowrl/, read from the source with ast.
 
     python scripts/house.py            # floors of each package, imports that run back up, long rooms
+                                       # (and long rooms in bench/ and scripts/)
 
 A module's floor is 0 when it imports nothing of its own package and 1 + the highest floor it imports
 otherwise (the longest import chain under it). Every import counts, at any depth: a lazy import inside
@@ -17,6 +18,9 @@ from typing import Dict, List, Optional, Set, Tuple
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("flowrl_kernels", "flowrl")
+# Folders that are not drawn (nothing imports them but their own scripts and tests) whose rooms are held
+# to the same length: the benchmark suite and the scripts a newcomer runs.
+SIZED_ONLY = ("bench", "scripts")
 # A source file longer than this must say at its top why (a line containing REASON in its first
 # REASON_WITHIN lines); 600 lines is what a newcomer reads in one sitting (issue 25).
 LONG_ROOM = 600
@@ -162,6 +166,10 @@ def draw(root: pathlib.Path = ROOT) -> str:
         text.append("  imports running back up: " + ("; ".join(up) if up else "none"))
         long = long_rooms(package, root)
         text.append(f"  rooms over {LONG_ROOM} lines without a reason: "
+                    + (", ".join(f"{p} ({n})" for p, n in long) if long else "none"))
+    for folder in SIZED_ONLY:
+        long = long_rooms(folder, root)
+        text.append(f"{folder}/  rooms over {LONG_ROOM} lines without a reason: "
                     + (", ".join(f"{p} ({n})" for p, n in long) if long else "none"))
     return "\n".join(text)
 
