@@ -114,7 +114,15 @@ def _online_update(x, inv_temp, m, s_acc, u_acc, RETURN_ENTROPY: tl.constexpr):
     return m_new, s_acc, u_acc
 
 
-@triton.jit
+# T1 (rows per batch entry) is N for an [N, V] input and 1 for a single row. On a GPU the JIT would
+# hand T1 = 1 in as a constexpr: b = row // 1, t = 0 fold to a constant row offset, the compiler then
+# proves the row 16-byte aligned and vectorizes the loads, which changes which lane holds which logit
+# and so the order of the lane sums. The H200 lane (2026-12-04) saw it: entropy 1 ulp apart between a
+# row alone and the same row in a batch, bf16 and fp32, V = 50257. Neither specialization on T1.
+_ROWS_GENERIC = dict(do_not_specialize=["T1"], do_not_specialize_on_alignment=["T1"])
+
+
+@triton.jit(**_ROWS_GENERIC)
 def _token_logprobs_fwd_kernel(
     # data ptrs
     logits_ptr, labels_ptr, logp_ptr, lse_ptr, ent_ptr,
@@ -177,7 +185,7 @@ def _grad_block(x, inv_temp, lse, a, b, cols_eq_label, g_t):
     return p * (d * a + b) + tl.where(cols_eq_label, g_t, 0.0)
 
 
-@triton.jit
+@triton.jit(**_ROWS_GENERIC)
 def _token_logprobs_bwd_kernel(
     # data ptrs
     logits_ptr, labels_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, grad_ptr,
