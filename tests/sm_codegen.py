@@ -135,7 +135,7 @@ def inspect_cubin(k) -> dict:
             "shared": k.metadata.shared, "hgmma": ops["HGMMA"], "hmma": ops["HMMA"], "stl": ops["STL"],
             "ldl": ops["LDL"], "ldgsts": ops["LDGSTS"], "ldg128": len(_LD128.findall(sass)),
             "stg128": len(_ST128.findall(sass)), "ptx_wgmma": ptx.count("wgmma.mma_async"),
-            "cp_async": ptx.count("cp.async")}
+            "cp_async": ptx.count("cp.async"), "ptx_fma": ptx.count("fma.rn.f32")}
 
 
 def token_logprobs_types(t: str) -> dict:

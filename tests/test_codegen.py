@@ -21,7 +21,7 @@ import flowrl_kernels.ops.token_logprobs as m
 from sm_codegen import compile_kernel, emit, inspect_cubin, token_logprobs_types
 TD = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
 
-def build(kind, dtype, flag, aligned):
+def build(kind, dtype, flag, aligned, **numerics):
     V = 151936
     block, warps = m._config(V)
     fn = m._token_logprobs_fwd_kernel if kind == "fwd" else m._token_logprobs_bwd_kernel
@@ -29,7 +29,9 @@ def build(kind, dtype, flag, aligned):
     # every int arg that is a multiple of 16 (V, the strides, the forward's label_end) marked divisible by 16
     ints = ("V", "stride_xb", "stride_xt") + (("stride_g",) if kind == "bwd" else ("label_end",))
     const = {"BLOCK_V": block, ("RETURN_ENTROPY" if kind == "fwd" else "HAS_GENT"): flag}
-    k = compile_kernel(fn, token_logprobs_types(TD[dtype]), const, ints if aligned else (), num_warps=warps)
+    # the launcher's numerics options (enable_fp_fusion=False), unless a control overrides them
+    opts = dict(m._LAUNCH_NUMERICS, **numerics)
+    k = compile_kernel(fn, token_logprobs_types(TD[dtype]), const, ints if aligned else (), num_warps=warps, **opts)
     return dict(inspect_cubin(k), block=block, warps=warps)
 
 out = {}
@@ -38,6 +40,7 @@ for kind, flags in (("fwd", (True, False)), ("bwd", (True, False))):
         for flag in flags:
             out[f"{kind}-{TD[dtype]}-{flag}"] = build(kind, dtype, flag, True)
     out[f"{kind}-bf16-True-unaligned"] = build(kind, torch.bfloat16, True, False)
+    out[f"{kind}-bf16-True-fused"] = build(kind, torch.bfloat16, True, True, enable_fp_fusion=True)
 emit(out)
 '''
 
@@ -69,3 +72,14 @@ def test_unaligned_stride_control(compiled, kind):
     k = compiled[f"{kind}-bf16-True-unaligned"]
     assert k["ldg128"] == 0
     assert k["local"] == 0
+
+
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+def test_no_fma_contraction(compiled, kind):
+    """The launcher compiles without FMA contraction, as the CPU interpreter computes: the backward's
+    x * inv_temp - lse must round the product as the forward did (the H200 lane, 2026-12-04: fused, the
+    gradient at T = 1e-4 was off by 19 to 2382 against bounds of 0.03 to 0.06). Control: the same
+    kernel with Triton's default fusion has fma.rn.f32 in its PTX, so the check can fail."""
+    for name in (f"{kind}-bf16-True", f"{kind}-fp32-True", f"{kind}-bf16-False" if kind == "fwd" else f"{kind}-fp32-False"):
+        assert compiled[name]["ptx_fma"] == 0, f"{name}: {compiled[name]['ptx_fma']} fma.rn.f32 in the PTX"
+    assert compiled[f"{kind}-bf16-True-fused"]["ptx_fma"] > 0

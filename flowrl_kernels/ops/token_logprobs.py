@@ -120,6 +120,12 @@ def _online_update(x, inv_temp, m, s_acc, u_acc, RETURN_ENTROPY: tl.constexpr):
 # and so the order of the lane sums. The H200 lane (2026-12-04) saw it: entropy 1 ulp apart between a
 # row alone and the same row in a batch, bf16 and fp32, V = 50257. Neither specialization on T1.
 _ROWS_GENERIC = dict(do_not_specialize=["T1"], do_not_specialize_on_alignment=["T1"])
+# No FMA contraction (Triton's default fuses a*b+c on a GPU; the CPU interpreter never does). The
+# backward's (x * inv_temp - lse) must round x * inv_temp exactly as the forward's z = x * inv_temp did:
+# fused, the product stays exact, and at T = 1e-4 (z ~ 1e4, ulp 1e-3) the max logit's p moved by ~5e-4,
+# times 1/T in the gradient. The H200 lane (2026-12-04) measured grad errors of 19 (x ~ N(0, 1)) and 2382
+# (x ~ 300 N(0, 1)) against bounds of 0.06 / 0.03 (tests/test_input_contract.py's temperature-range test).
+_LAUNCH_NUMERICS = dict(enable_fp_fusion=False)
 
 
 @triton.jit(**_ROWS_GENERIC)
@@ -295,7 +301,7 @@ def _fwd_triton(logits, labels, temperature, return_entropy, ignore_index, shard
                 x.shape[1], V, V + 1 if sharded else V, row0,
                 x.stride(0), x.stride(1), lab.stride(0), lab.stride(1),
                 1.0 / temperature, ignore_index,
-                BLOCK_V=BLOCK_V, RETURN_ENTROPY=return_entropy, num_warps=num_warps,
+                BLOCK_V=BLOCK_V, RETURN_ENTROPY=return_entropy, num_warps=num_warps, **_LAUNCH_NUMERICS,
             )
     return logp, lse, ent
 
@@ -320,7 +326,7 @@ def _bwd_triton(logits, labels, lse, ent, grad_logp, grad_ent, temperature, igno
                 x.shape[1], V, row0,
                 x.stride(0), x.stride(1), lab.stride(0), lab.stride(1), V,
                 1.0 / temperature, ignore_index,
-                BLOCK_V=BLOCK_V, HAS_GENT=has_gent, num_warps=num_warps,
+                BLOCK_V=BLOCK_V, HAS_GENT=has_gent, num_warps=num_warps, **_LAUNCH_NUMERICS,
             )
     return grad
 
