@@ -15,7 +15,7 @@ import torch
 
 import flowrl_kernels as fk
 from flowrl_kernels import _utils, reference
-from helpers import assert_no_worse_than_torch
+from helpers import DEVICE, assert_no_worse_than_torch
 
 IMPLS = ["torch", "native", "triton"]
 INF, NAN = float("inf"), float("nan")
@@ -27,11 +27,18 @@ def _skip_unavailable(impl):
         pytest.skip("native extension not built")
 
 
-def _loss_inputs(B=4, T=7):
-    lp = torch.randn(B, T) * 0.5 - 2
-    mask = torch.rand(B, T) > 0.3
+def _dev(impl):
+    """Where ``impl`` runs: Triton on the GPU when there is one (the interpreter is on only without CUDA:
+    tests/conftest.py), the CPU otherwise; torch and native on the CPU."""
+    return DEVICE if impl == "triton" else "cpu"
+
+
+def _loss_inputs(B=4, T=7, device="cpu"):
+    lp = torch.randn(B, T, device=device) * 0.5 - 2
+    mask = torch.rand(B, T, device=device) > 0.3
     mask[:, 0] = True
-    return lp, lp + 0.3 * torch.randn(B, T), lp + 0.1 * torch.randn(B, T), torch.randn(B), torch.randn(B), mask
+    return (lp, lp + 0.3 * torch.randn(B, T, device=device), lp + 0.1 * torch.randn(B, T, device=device),
+            torch.randn(B, device=device), torch.randn(B, device=device), mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -87,7 +94,7 @@ def test_clip_out_of_contract_is_a_named_value_error(impl, clip):
 def test_clip_extremes_agree_with_the_spec(impl, clip):
     """clip=None crashed impl='torch' (TypeError); lo above exp(64) clamped differently per impl."""
     _skip_unavailable(impl)
-    lp, old, ref, lz, r, m = _loss_inputs()
+    lp, old, ref, lz, r, m = _loss_inputs(device=_dev(impl))
     spec_clip = (None, None) if clip is None else clip
     lp64 = lp.double().requires_grad_()
     loss64, st64 = reference.flowrl_loss(lp64, old.double(), ref.double(), lz.double(), r.double(), m,
@@ -228,7 +235,8 @@ def test_group_normalize_equal_group_is_exactly_zero(eps, value):
 @pytest.mark.parametrize("impl", ["native", "triton"])
 def test_float64_mix_errors_name_the_argument(impl):
     _skip_unavailable(impl)
-    lp, old, ref, lz, r, m = _loss_inputs()
+    dev = _dev(impl)
+    lp, old, ref, lz, r, m = _loss_inputs(device=dev)
     with pytest.raises(ValueError, match="old_logp has dtype float64"):
         fk.flowrl_loss(lp.bfloat16(), old.double(), ref, lz, r, m, impl=impl)
     with pytest.raises(ValueError, match="ref_logp, log_z have dtype float64"):
@@ -236,20 +244,21 @@ def test_float64_mix_errors_name_the_argument(impl):
     with pytest.raises(ValueError, match="old_logp has dtype float64"):
         fk.importance_weights(lp.bfloat16(), old.double(), m, impl=impl)
     with pytest.raises(ValueError, match="logits has dtype float64"):
-        fk.token_logprobs(torch.randn(2, 5, dtype=torch.float64), torch.zeros(2, dtype=torch.long), impl=impl)
+        fk.token_logprobs(torch.randn(2, 5, dtype=torch.float64, device=dev), torch.zeros(2, dtype=torch.long, device=dev),
+                          impl=impl)
     if impl == "triton":
         with pytest.raises(ValueError, match="hidden and weight have dtype float64"):
-            fk.linear_token_logprobs(torch.randn(2, 4).double(), torch.randn(5, 4).double(),
-                                     torch.zeros(2, dtype=torch.long), impl=impl)
+            fk.linear_token_logprobs(torch.randn(2, 4, device=dev).double(), torch.randn(5, 4, device=dev).double(),
+                                     torch.zeros(2, dtype=torch.long, device=dev), impl=impl)
 
 
 # ----------------------------------------------------------------------------------------------------
 # impl selection: forced impl refuses naming what exists; env var / prefer_impl are preferences
 # ----------------------------------------------------------------------------------------------------
-def _all_ops():
-    lp, old, ref, lz, r, m = _loss_inputs()
-    x, y = torch.randn(3, 9), torch.randint(0, 9, (3,))
-    h, w = torch.randn(3, 4), torch.randn(9, 4)
+def _all_ops(device="cpu"):
+    lp, old, ref, lz, r, m = _loss_inputs(device=device)
+    x, y = torch.randn(3, 9, device=device), torch.randint(0, 9, (3,), device=device)
+    h, w = torch.randn(3, 4, device=device), torch.randn(9, 4, device=device)
     return {
         "token_logprobs": lambda **k: fk.token_logprobs(x, y, **k),
         "linear_token_logprobs": lambda **k: fk.linear_token_logprobs(h, w, y, **k),
@@ -266,7 +275,7 @@ def _all_ops():
 def test_env_impl_is_a_preference_for_all_8_ops(pref, monkeypatch, caplog):
     """FLOWRL_KERNELS_IMPL=native made 5 of the 8 ops refuse (and the trainer die at step 1)."""
     _skip_unavailable(pref)
-    ops = _all_ops()
+    ops = _all_ops(_dev(pref))
     monkeypatch.setattr(_utils, "_FALLBACKS_NOTED", set())
     monkeypatch.setenv(_utils.ENV_IMPL, pref)
     with caplog.at_level(logging.WARNING, logger="flowrl_kernels"):
