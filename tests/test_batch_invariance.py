@@ -1,6 +1,7 @@
 """Batch invariance (issue 24): a token's logp and entropy are bitwise the same alone, at another
 position, or in a batch of any size with any neighbours (scripts/batch_invariance.py's check, run here
-on the CPU: the native kernels and the Triton kernels in the interpreter), and no launch parameter that
+on the CPU: the native kernels and the Triton kernels in the interpreter; on a GPU machine the Triton
+cases run compiled), and no launch parameter that
 changes a row's arithmetic depends on N (the launchers' GPU configs, inspected for many N on the CPU).
 The old N-tuned launch of the fused lm_head (FLOWRL_KERNELS_BATCH_INVARIANT=0) fails both checks,
 so neither can pass vacuously."""

@@ -80,6 +80,6 @@ def test_no_fma_contraction(compiled, kind):
     x * inv_temp - lse must round the product as the forward did (the H200 lane, 2026-12-04: fused, the
     gradient at T = 1e-4 was off by 19 to 2382 against bounds of 0.03 to 0.06). Control: the same
     kernel with Triton's default fusion has fma.rn.f32 in its PTX, so the check can fail."""
-    for name in (f"{kind}-bf16-True", f"{kind}-fp32-True", f"{kind}-bf16-False" if kind == "fwd" else f"{kind}-fp32-False"):
+    for name in (f"{kind}-{dt}-{flag}" for dt in ("bf16", "fp32") for flag in (True, False)):
         assert compiled[name]["ptx_fma"] == 0, f"{name}: {compiled[name]['ptx_fma']} fma.rn.f32 in the PTX"
     assert compiled[f"{kind}-bf16-True-fused"]["ptx_fma"] > 0
